@@ -1,0 +1,54 @@
+"""The t2r settings of a converted model: a small frozen dataclass saved as JSON beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from t2r.errors import UsageError
+
+FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog")
+FORMS = ("parallel", "chunked", "recurrent")
+
+
+@dataclass(frozen=True)
+class T2RConfig:
+    """How the softmax attention of a teacher is replaced.
+
+    feature_map: one of FEATURE_MAPS.
+    feature_dim: size of the learned / random projection (t2r, rfa, hedgehog); `None` picks the
+        map's default (32 for t2r, 64 random features for rfa, head_dim for hedgehog). ELU+1 keeps
+        head_dim.
+    tie_qk: one feature map shared by queries and keys (the T2R paper) or one each.
+    eps: added to the fp32 denominator; feature maps are non-negative, so it is never 0/0.
+    chunk_size: block length of the chunked form (memory O(T * chunk_size)).
+    seed: seeds the initial feature-map parameters (and the fixed random features of rfa).
+    base_model: how the teacher was named when converting (`--model`), kept for `eval --teacher`.
+    """
+
+    feature_map: str = "t2r"
+    feature_dim: int | None = None
+    tie_qk: bool = True
+    eps: float = 1e-6
+    chunk_size: int = 64
+    seed: int = 0
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.feature_map not in FEATURE_MAPS:
+            raise UsageError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise UsageError(f"feature dim must be a positive integer, got {self.feature_dim}")
+        if self.chunk_size < 1:
+            raise UsageError(f"chunk size must be a positive integer, got {self.chunk_size}")
+        if not self.eps > 0:
+            raise UsageError(f"eps must be positive, got {self.eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> T2RConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})

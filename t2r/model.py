@@ -1,0 +1,89 @@
+"""The converted model: a teacher whose attention layers are `LinearAttention`, run block by block.
+
+t2r drives the decoder itself (through the architecture adapter) so that every layer gets its
+recurrent state explicitly. All other modules are the teacher's own: embeddings, norms, MLPs, head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from t2r.adapters import Adapter
+from t2r.attention import LinearAttention
+from t2r.config import T2RConfig
+from t2r.ops import attention_op
+from t2r.state import ModelState
+
+
+class T2RForCausalLM(nn.Module):
+    """A causal LM with linear attention.
+
+    base: the Hugging Face model, attention layers replaced in place (its `config` is the teacher's).
+    """
+
+    def __init__(self, base: nn.Module, adapter: Adapter, config: T2RConfig) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.config = config
+
+    @property
+    def attentions(self) -> list[LinearAttention]:
+        return [self.adapter.attention(layer) for layer in self.adapter.layers(self.base)]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def init_state(self, batch: int) -> ModelState:
+        """An empty state for `batch` sequences; its size never changes while decoding."""
+        device = self.device
+        return ModelState(
+            layers=tuple(attention.init_state(batch, device) for attention in self.attentions),
+            seen=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: ModelState | None = None,
+        form: str = "chunked",
+    ) -> tuple[torch.Tensor, ModelState]:
+        """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; left or right padding).
+
+        Returns logits [B, T, V] and the state after these tokens. `form` picks the attention
+        computation (parallel / chunked / recurrent); all give the same result.
+        """
+        batch, _ = input_ids.shape
+        if state is None:
+            state = self.init_state(batch)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+        # Position of a real token = real tokens before it; a pad repeats its neighbour's (unused).
+        positions = (state.seen[:, None] + mask.cumsum(1) - 1).clamp_min(0)
+        op = attention_op(form, self.config.chunk_size)
+
+        hidden = self.adapter.embed(self.base, input_ids, positions)
+        rotary = self.adapter.rotary(self.base, hidden, positions)
+        next_layers = []
+        for layer, layer_state in zip(self.adapter.layers(self.base), state.layers, strict=True):
+            attention = self.adapter.attention(layer)
+
+            def attend(x: torch.Tensor, attention=attention, layer_state=layer_state) -> torch.Tensor:
+                out, next_state = attention(x, rotary, mask, layer_state, op)
+                next_layers.append(next_state)
+                return out
+
+            hidden = self.adapter.block(layer, hidden, attend)
+        logits = self.adapter.head(self.base, hidden)
+        return logits, ModelState(tuple(next_layers), state.seen + mask.sum(1))
+
+    def step(
+        self, input_ids: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
+        """One decode step: input_ids [B] -> logits [B, V], through the recurrent form."""
+        logits, state = self.forward(
+            input_ids[:, None], None if mask is None else mask[:, None], state, form="recurrent"
+        )
+        return logits[:, 0], state

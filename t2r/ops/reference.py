@@ -1,0 +1,86 @@
+"""The specification of causal linear attention, in plain fp32 PyTorch.
+
+    out_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s  /  (sum_{s<=t} phi(q_t) . phi(k_s) + eps)
+
+with the sums also running over everything folded into `initial_state`. Every faster form
+(`ops.chunked`, a compiled step, ...) is tested against these two functions: outputs, final state
+and gradients. Inputs are already feature-mapped (non-negative); padding is masked by zeroing
+phi(k) before the call, which removes a padded key from the numerator *and* the normaliser.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t2r.state import LinearAttentionState
+
+
+def _start(q: torch.Tensor, v: torch.Tensor, state: LinearAttentionState | None) -> LinearAttentionState:
+    if state is not None:
+        return state
+    batch, heads, _, feature_dim = q.shape
+    return LinearAttentionState.zeros(batch, heads, feature_dim, v.shape[-1], q.device)
+
+
+def causal_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: LinearAttentionState | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """Parallel (quadratic) form.
+
+    q, k: [B, H, T, F] feature-mapped queries and keys; v: [B, H, T, D].
+    Returns out [B, H, T, D] in v's dtype and the final state (fp32).
+    """
+    state = _start(q, v, initial_state)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    scores = torch.einsum("bhtf,bhsf->bhts", qf, kf).tril()  # [B, H, T, T], causal
+    numerator = scores @ vf + torch.einsum("bhtf,bhfd->bhtd", qf, state.kv)
+    denominator = scores.sum(-1) + torch.einsum("bhtf,bhf->bht", qf, state.k_sum)
+    out = numerator / (denominator.unsqueeze(-1) + eps)
+    final_state = LinearAttentionState(
+        kv=state.kv + torch.einsum("bhtf,bhtd->bhfd", kf, vf),
+        k_sum=state.k_sum + kf.sum(2),
+    )
+    return out.to(v.dtype), final_state
+
+
+def linear_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: LinearAttentionState,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """One token of the recurrent form.
+
+    q, k: [B, H, F]; v: [B, H, D]. Returns out [B, H, D] in v's dtype and the next state.
+    """
+    qf, kf, vf = q.float(), k.float(), v.float()
+    kv = state.kv + kf.unsqueeze(-1) * vf.unsqueeze(-2)  # [B, H, F, D]
+    k_sum = state.k_sum + kf
+    numerator = torch.einsum("bhf,bhfd->bhd", qf, kv)
+    denominator = torch.einsum("bhf,bhf->bh", qf, k_sum)
+    out = numerator / (denominator.unsqueeze(-1) + eps)
+    return out.to(v.dtype), LinearAttentionState(kv, k_sum)
+
+
+def recurrent_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    initial_state: LinearAttentionState | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, LinearAttentionState]:
+    """The recurrent form over a whole sequence: `linear_attention_step` looped over time.
+
+    Same signature and shapes as `causal_linear_attention`; with T == 1 it is one decode step.
+    """
+    state = _start(q, v, initial_state)
+    outputs = []
+    for t in range(q.shape[2]):
+        out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, eps)
+        outputs.append(out)
+    return torch.stack(outputs, dim=2), state

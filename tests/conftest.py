@@ -1,0 +1,109 @@
+"""Tiny randomly initialised models of every supported family, and a tiny tokenizer. No downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 320
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRAINING_TEXT = [
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be on "
+    "his first entering a neighbourhood, this truth is so well fixed in the minds of the surrounding "
+    "families, that he is considered the rightful property of some one or other of their daughters.",
+    "The history of the world is the history of a few people who had faith in themselves.",
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money.",
+]
+
+
+def tiny_config(family: str):
+    """A 2-layer config of `family`; GQA for the Llama family, partial rotary for GPT-NeoX."""
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+        return cls(
+            **common,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=8192,
+            tie_word_embeddings=family != "mistral",
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=64, n_positions=8192, bos_token_id=1, eos_token_id=2
+        )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(
+            **common,
+            intermediate_size=128,
+            max_position_embeddings=8192,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on a few sentences: encodes any text, no download."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def save_teacher(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+    model = tiny_model(family, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama teacher saved as a Hugging Face folder (safetensors + tokenizer)."""
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's cache, never reach for the network."""
+    monkeypatch.setenv("T2R_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "t2r-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

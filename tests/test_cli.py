@@ -1,0 +1,274 @@
+"""CLI: every subcommand end to end on a tiny model, and every error case as one line + exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2r.cli import main
+from tests.conftest import TRAINING_TEXT, save_teacher
+
+
+def run(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's own exits (usage errors)
+        code = int(exit_.code or 0)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(TRAINING_TEXT * 12))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted_folder(teacher_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "model"
+    assert main(["convert", "--model", str(teacher_folder), "--feature-map", "t2r", "--out", str(out)]) == 0
+    return out
+
+
+def only_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("t2r: error: ")
+    return lines[0]
+
+
+def test_convert_writes_a_loadable_folder(converted_folder: Path) -> None:
+    config = json.loads((converted_folder / "config.json").read_text())
+    assert config["t2r"]["feature_map"] == "t2r"
+    assert config["base_config"]["model_type"] == "llama"
+    assert (converted_folder / "model.safetensors").is_file()
+    assert not [p for p in converted_folder.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "rfa", "hedgehog"])
+def test_convert_every_feature_map(feature_map: str, teacher_folder: Path, tmp_path: Path, capfd) -> None:
+    code, _, err = run(
+        ["convert", "--model", teacher_folder, "--feature-map", feature_map, "--untie-qk", "--out", tmp_path / "m"],
+        capfd,
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["t2r"]["tie_qk"] is False
+
+
+def test_generate_greedy_streams_the_requested_tokens(converted_folder: Path, capfd) -> None:
+    code, out, err = run(
+        [
+            "generate",
+            converted_folder,
+            "--prompt",
+            "The history of",
+            "--max-new-tokens",
+            12,
+            "--greedy",
+            "--ignore-eos",
+        ],
+        capfd,
+    )
+    assert code == 0, err
+    assert out.startswith("The history of")
+    assert "[12 new tokens after a" in err
+    again = run(
+        [
+            "generate",
+            converted_folder,
+            "--prompt",
+            "The history of",
+            "--max-new-tokens",
+            12,
+            "--greedy",
+            "--ignore-eos",
+        ],
+        capfd,
+    )
+    assert again[1] == out
+
+
+def test_generate_sampling_is_seeded_and_chat_works(converted_folder: Path, capfd) -> None:
+    args = [
+        "generate",
+        converted_folder,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        8,
+        "--temperature",
+        0.8,
+        "--top-p",
+        0.9,
+        "--chat",
+        "--ignore-eos",
+    ]
+    first = run([*args, "--seed", 1], capfd)
+    second = run([*args, "--seed", 1], capfd)
+    assert first[0] == 0 and first[1] == second[1]
+    assert "[8 new tokens" in first[2]
+
+
+def test_eval_three_forms_agree(converted_folder: Path, text_file: Path, capfd) -> None:
+    results = {}
+    for mode in ("parallel", "chunked", "recurrent"):
+        code, out, err = run(
+            [
+                "eval",
+                converted_folder,
+                "--data",
+                text_file,
+                "--seq-len",
+                64,
+                "--max-tokens",
+                300,
+                "--mode",
+                mode,
+                "--json",
+            ],
+            capfd,
+        )
+        assert code == 0, err
+        results[mode] = json.loads(out)
+    assert results["parallel"]["tokens"] == 300 - 5  # five windows of 64 (the last partial): 1 unscored each
+    for mode in ("chunked", "recurrent"):
+        relative = abs(results[mode]["perplexity"] / results["parallel"]["perplexity"] - 1)
+        assert relative <= 1e-4, (mode, results)
+
+
+def test_eval_with_teacher_reports_fidelity(
+    converted_folder: Path, teacher_folder: Path, text_file: Path, capfd
+) -> None:
+    code, out, err = run(
+        ["eval", converted_folder, "--data", text_file, "--seq-len", 64, "--stride", 32, "--teacher", "--json"], capfd
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["teacher"] == str(teacher_folder)
+    assert record["kl"] > 0 and 0 <= record["top1_agreement"] <= 1
+    assert {"perplexity", "tokens", "kl", "top1_agreement"} <= record.keys()
+
+
+def test_eval_scores_the_unconverted_teacher(teacher_folder: Path, text_file: Path, capfd) -> None:
+    code, out, err = run(
+        ["eval", teacher_folder, "--data", text_file, "--seq-len", 64, "--teacher", teacher_folder, "--json"], capfd
+    )
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["mode"] == "softmax"
+    assert abs(record["kl"]) < 1e-6 and record["top1_agreement"] == 1.0
+    code, out, _ = run(["eval", teacher_folder, "--data", text_file, "--seq-len", 64], capfd)
+    assert code == 0 and out.startswith("perplexity ")
+
+
+# ---------------------------------------------------------------- error cases
+
+
+@pytest.fixture(scope="module")
+def broken_folders(converted_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("broken")
+    folders = {}
+    # A converted model whose weights file was cut short.
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for item in converted_folder.iterdir():
+        (truncated / item.name).write_bytes(item.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    folders["truncated"] = truncated
+    # A teacher folder whose weights are garbage.
+    corrupt = save_teacher(root / "corrupt-teacher")
+    (corrupt / "model.safetensors").write_bytes(os.urandom(4096))
+    folders["corrupt"] = corrupt
+    # A teacher saved only as a pickle checkpoint.
+    pickled = save_teacher(root / "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save({"weight": torch.zeros(1)}, pickled / "pytorch_model.bin")
+    folders["pickle"] = pickled
+    # An architecture t2r has no adapter for.
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
+    )
+    opt.save_pretrained(root / "opt")
+    folders["opt"] = root / "opt"
+    bad_gguf = root / "bad.gguf"
+    bad_gguf.write_bytes(b"GGUF" + os.urandom(1000))
+    folders["gguf"] = bad_gguf
+    empty = root / "empty.txt"
+    empty.write_text("  \n\n")
+    folders["empty"] = empty
+    return folders
+
+
+ERROR_CASES = {
+    # name: (argv with placeholders, exit code, words the line must contain)
+    "missing model path": (["convert", "--model", "./no/such/model", "--out", "{out}"], 2, "no such file"),
+    "missing eval model": (["eval", "/no/such/folder", "--data", "{text}"], 2, "no such file"),
+    "missing data file": (["eval", "{converted}", "--data", "/no/such.txt"], 2, "no such file"),
+    "data is a folder": (["eval", "{converted}", "--data", "{tmp}"], 2, "is a folder"),
+    "empty data file": (["eval", "{converted}", "--data", "{empty}"], 2, "empty"),
+    "unsupported architecture": (["convert", "--model", "{opt}", "--out", "{out}"], 2, "not supported"),
+    "truncated weights": (["eval", "{truncated}", "--data", "{text}"], 1, "corrupt or truncated"),
+    "truncated weights, generate": (["generate", "{truncated}", "--prompt", "x"], 1, "corrupt or truncated"),
+    "corrupt teacher weights": (["convert", "--model", "{corrupt}", "--out", "{out}"], 1, "cannot load"),
+    "corrupt gguf": (["convert", "--model", "{gguf}", "--out", "{out}"], 1, "cannot read GGUF"),
+    "pickle-only checkpoint": (["convert", "--model", "{pickle}", "--out", "{out}"], 1, "pickle"),
+    "zero new tokens": (["generate", "{converted}", "--prompt", "x", "--max-new-tokens", "0"], 2, "positive"),
+    "unknown feature map": (["convert", "--feature-map", "cosine", "--out", "{out}"], 2, "invalid choice"),
+    "top-p out of range": (["generate", "{converted}", "--prompt", "x", "--top-p", "1.5"], 2, "top-p"),
+    "non-numeric seq len": (["eval", "{converted}", "--data", "{text}", "--seq-len", "long"], 2, "seq-len"),
+    "stride above seq len": (["eval", "{converted}", "--data", "{text}", "--stride", "600"], 2, "stride"),
+    "output exists": (["convert", "--model", "{teacher}", "--out", "{converted}"], 2, "already exists"),
+    "generate on a teacher": (["generate", "{teacher}", "--prompt", "x"], 2, "not a converted model"),
+    "offline hub id": (["convert", "--model", "nobody/no-such-model", "--out", "{out}"], 1, "Hub"),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=list(ERROR_CASES))
+def test_errors_are_one_line(
+    case: str, broken_folders, converted_folder: Path, teacher_folder: Path, text_file: Path, tmp_path: Path, capfd
+) -> None:
+    argv, expected_code, words = ERROR_CASES[case]
+    places = {
+        **{k: str(v) for k, v in broken_folders.items()},
+        "converted": str(converted_folder),
+        "teacher": str(teacher_folder),
+        "text": str(text_file),
+        "tmp": str(tmp_path),
+        "out": str(tmp_path / "out"),
+    }
+    before = sorted(p.name for p in converted_folder.iterdir())
+    code, _, err = run([arg.format(**places) for arg in argv], capfd)
+    line = only_line(err)
+    assert code == expected_code, line
+    assert words in line, line
+    assert not (tmp_path / "out").exists(), "nothing half-written"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert sorted(p.name for p in converted_folder.iterdir()) == before
+
+
+def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for command in (["t2r"], [sys.executable, "-m", "t2r"]):
+        result = subprocess.run(
+            [*command, "eval", "/no/such/model", "--data", "x.txt"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2
+        assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    help_run = subprocess.run([sys.executable, "-m", "t2r", "--help"], capture_output=True, text=True, env=env)
+    assert help_run.returncode == 0 and "convert" in help_run.stdout

@@ -1,0 +1,179 @@
+"""Model level, on tiny random models of every supported family: the three forms agree, padding is
+invisible, the state does not grow, save -> load is bit-identical, the teacher's weights are untouched."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from t2r.adapters import adapter_for
+from t2r.config import T2RConfig
+from t2r.convert import convert, load_converted, save_converted
+from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
+
+TOLERANCE = 1e-4
+
+
+def converted(family: str, feature_map: str = "t2r", **kwargs) -> torch.nn.Module:
+    return convert(tiny_model(family), T2RConfig(feature_map=feature_map, chunk_size=16, **kwargs))
+
+
+def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences of 40 and 27 tokens, the second left-padded with token 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 40), generator=generator)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :13] = 0
+    ids[1, :13] = 0
+    return ids, mask
+
+
+def softmax_logits_through_adapter(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's own softmax attention, driven by the adapter's pieces: must equal HF's forward."""
+    adapter = adapter_for(model.config.model_type)
+    positions = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+    hidden = adapter.embed(model, input_ids, positions)
+    rotary = adapter.rotary(model, hidden, positions)
+    for layer in adapter.layers(model):
+        attention = adapter.attention(layer)
+
+        def attend(x: torch.Tensor, attention=attention) -> torch.Tensor:
+            q, k, v = adapter.project(attention, x, rotary)
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return adapter.output(attention, out.transpose(1, 2).flatten(2))
+
+        hidden = adapter.block(layer, hidden, attend)
+    return adapter.head(model, hidden)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_adapter_reproduces_the_teacher(family: str) -> None:
+    teacher = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
+    expected = teacher(ids).logits
+    assert (softmax_logits_through_adapter(teacher, ids) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_non_attention_weights_stay_bit_identical(family: str) -> None:
+    teacher = tiny_model(family)
+    before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    model = convert(teacher, T2RConfig())
+    after = {
+        name.removeprefix("base.").replace(".projections.", "."): tensor
+        for name, tensor in model.state_dict().items()
+        if ".feature_map_" not in name
+    }
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "rfa", "t2r", "hedgehog"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str) -> None:
+    model = converted(family, feature_map, tie_qk=feature_map != "hedgehog")
+    ids, mask = left_padded_batch()
+    full, full_state = model(ids, mask, form="parallel")
+    chunked, _ = model(ids, mask, form="chunked")
+    assert (chunked - full)[mask.bool()].abs().max() <= TOLERANCE
+
+    prefix = 17
+    logits, state = model(ids[:, :prefix], mask[:, :prefix], form="chunked")
+    steps = [logits]
+    for t in range(prefix, ids.shape[1]):
+        step_logits, state = model.step(ids[:, t], state, mask[:, t])
+        steps.append(step_logits[:, None])
+    decoded = torch.cat(steps, 1)
+    assert (decoded - full)[mask.bool()].abs().max() <= TOLERANCE
+    for a, b in zip(state.layers, full_state.layers, strict=True):
+        assert (a.kv - b.kv).abs().max() <= TOLERANCE * max(1.0, b.kv.abs().max().item())
+    assert torch.equal(state.seen, mask.sum(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_left_padding_is_invisible(family: str) -> None:
+    """The padded row gives the same logits as the same tokens run alone, unpadded."""
+    model = converted(family)
+    ids, mask = left_padded_batch()
+    batch_logits, _ = model(ids, mask)
+    alone, _ = model(ids[1:, 13:])
+    assert (batch_logits[1, 13:] - alone[0]).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_state_size_does_not_depend_on_context(family: str) -> None:
+    model = converted(family)
+    generator = torch.Generator().manual_seed(2)
+    sizes = []
+    for length in (256, 4096):
+        _, state = model(torch.randint(3, VOCAB, (1, length), generator=generator))
+        _, state = model.step(torch.tensor([5]), state)
+        sizes.append(state.nbytes())
+        assert all(layer.kv.shape == state.layers[0].kv.shape for layer in state.layers)
+    assert sizes[0] == sizes[1] == model.init_state(1).nbytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_identical(family: str, tmp_path: Path) -> None:
+    model = converted(family, "hedgehog", tie_qk=False)
+    # Make every feature-map parameter non-default, as after training.
+    for name, parameter in model.named_parameters():
+        if "feature_map" in name:
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+    save_converted(model, tiny_tokenizer(), tmp_path / "model")
+    loaded, tokenizer = load_converted(tmp_path / "model")
+    assert tokenizer("hello world").input_ids == tiny_tokenizer()("hello world").input_ids
+    original, loaded_state = model.state_dict(), loaded.state_dict()
+    assert original.keys() == loaded_state.keys()
+    assert all(torch.equal(original[key], loaded_state[key]) for key in original)
+    ids, mask = left_padded_batch()
+    assert torch.equal(model(ids, mask)[0], loaded(ids, mask)[0])
+    assert loaded.config == model.config
+
+
+def test_tied_feature_map_is_one_module() -> None:
+    model = converted("llama", "t2r", tie_qk=True)
+    assert all(attention.feature_map_k is None for attention in model.attentions)
+    untied = converted("llama", "t2r", tie_qk=False)
+    attention = untied.attentions[0]
+    assert not torch.equal(attention.feature_map_q.weight, attention.feature_map_k.weight)
+
+
+def test_conversion_is_deterministic_by_seed() -> None:
+    a, b = converted("llama", "rfa", seed=3), converted("llama", "rfa", seed=3)
+    c = converted("llama", "rfa", seed=4)
+    omega = [m.attentions[0].feature_map_q.omega for m in (a, b, c)]
+    assert torch.equal(omega[0], omega[1]) and not torch.equal(omega[0], omega[2])
+
+
+def test_gradients_flow_to_feature_maps_through_chunked_form() -> None:
+    model = converted("llama", "t2r")
+    ids, mask = left_padded_batch()
+    logits, _ = model(ids, mask, form="chunked")
+    logits.logsumexp(-1).mean().backward()
+    weight = model.attentions[0].feature_map_q.weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_unsupported_architecture_is_refused() -> None:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from t2r.errors import UsageError
+
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
+    )
+    with pytest.raises(UsageError, match="not supported; supported: gpt2, gpt_neox, llama, mistral, qwen2"):
+        convert(copy.deepcopy(opt), T2RConfig())
