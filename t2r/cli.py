@@ -108,11 +108,20 @@ def build_parser() -> Parser:
     return parser
 
 
-def quiet_transformers() -> None:
-    from transformers.utils import logging
+def set_up_logging() -> None:
+    """t2r's notices go to stderr as `t2r: ...`; transformers keeps to errors, without its bars."""
+    import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    from transformers.utils import logging as transformers_logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("t2r: %(message)s"))
+    package_logger = logging.getLogger("t2r")
+    package_logger.handlers[:] = [handler]
+    package_logger.setLevel(logging.INFO)
+    package_logger.propagate = False
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -249,7 +258,7 @@ COMMANDS = {"convert": run_convert, "generate": run_generate, "eval": run_eval}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        quiet_transformers()
+        set_up_logging()
         COMMANDS[args.command](args)
     except T2RError as error:
         print(f"t2r: error: {error}", file=sys.stderr)

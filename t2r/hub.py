@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ import torch
 import torch.nn as nn
 
 from t2r.errors import T2RError, UsageError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 # alias -> (package that ships the file, file name); the package is found, never imported.
@@ -114,6 +117,7 @@ def _load_gguf(gguf: Path) -> tuple[nn.Module, Any]:
     cached = _gguf_cache_folder(gguf)
     if (cached / "config.json").is_file():
         return _load_pretrained(str(cached))
+    log.info("de-quantising %s to fp32 (once, about 20 s; cached in %s)", gguf.name, cached.parent)
     try:
         model, tokenizer = _load_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as error:  # the gguf reader raises many kinds on a bad file

@@ -177,3 +177,26 @@ def test_unsupported_architecture_is_refused() -> None:
     )
     with pytest.raises(UsageError, match="not supported; supported: gpt2, gpt_neox, llama, mistral, qwen2"):
         convert(copy.deepcopy(opt), T2RConfig())
+
+
+def test_interrupted_save_leaves_nothing_that_loads(tmp_path: Path) -> None:
+    """A save that dies part-way (here: while writing the tokenizer) leaves no folder at all."""
+    model = converted("llama")
+
+    class DyingTokenizer:
+        def save_pretrained(self, folder: str) -> None:
+            (Path(folder) / "tokenizer.json").write_text("{")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_converted(model, DyingTokenizer(), tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_a_model_in_one_step(tmp_path: Path) -> None:
+    first, second = converted("llama", seed=1), converted("llama", seed=2)
+    save_converted(first, tiny_tokenizer(), tmp_path / "model")
+    save_converted(second, tiny_tokenizer(), tmp_path / "model", overwrite=True)
+    loaded, _ = load_converted(tmp_path / "model")
+    assert loaded.config.seed == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
