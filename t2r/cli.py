@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from t2r.config import FEATURE_MAPS, FORMS
 from t2r.errors import T2RError, UsageError
+from t2r.train_config import Interrupted, TrainConfig
 
 AUTO_TEACHER = "<base model>"
 
@@ -34,6 +35,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
@@ -83,6 +94,50 @@ def build_parser() -> Parser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+
+    train = commands.add_parser("train", help="attention transfer, then fine-tuning (runs under accelerate)")
+    train.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="teacher to convert (alias, .gguf, folder, hub id) or a converted folder to keep training",
+    )
+    train.add_argument("--teacher", default=None, help="the softmax teacher (default: --model, or its base model)")
+    train.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics, final model")
+    train.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="training text, repeatable: file, folder, glob, hub dataset (default: built-in corpus)",
+    )
+    train.add_argument(
+        "--distill-data",
+        action="append",
+        default=[],
+        help="text used only as the teacher's input (transfer, KL), never as CE targets",
+    )
+    train.add_argument("--feature-map", choices=FEATURE_MAPS, default=None, help="for a new conversion")
+    train.add_argument("--feature-dim", type=positive_int, default=None)
+    train.add_argument("--untie-qk", action="store_true")
+    defaults = TrainConfig()
+    train.add_argument("--transfer-steps", type=non_negative_int, default=defaults.transfer_steps)
+    train.add_argument("--finetune-steps", type=non_negative_int, default=defaults.finetune_steps)
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="blocks per step")
+    train.add_argument("--grad-accum", type=positive_int, default=defaults.grad_accum)
+    train.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
+    train.add_argument("--lr-transfer", type=bounded_float(0.0, 10.0), default=defaults.lr_transfer)
+    train.add_argument("--lr-finetune", type=bounded_float(0.0, 10.0), default=defaults.lr_finetune)
+    train.add_argument("--ce-weight", type=bounded_float(0.0, 100.0, include_low=True), default=defaults.ce_weight)
+    train.add_argument(
+        "--distill-weight", type=bounded_float(0.0, 100.0, include_low=True), default=defaults.distill_weight
+    )
+    train.add_argument("--temperature", type=bounded_float(0.0, 100.0), default=defaults.temperature)
+    train.add_argument("--lora-rank", type=non_negative_int, default=defaults.lora_rank)
+    train.add_argument("--full", action="store_true", help="fine-tune all parameters instead of LoRA")
+    train.add_argument("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every)
+    train.add_argument("--keep", type=positive_int, default=defaults.keep, help="checkpoints to keep")
+    train.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
 
     evaluate = commands.add_parser("eval", help="perplexity on a text file, optionally fidelity to the teacher")
     evaluate.add_argument("model", help="a converted model folder, or any teacher (alias, .gguf, folder, hub id)")
@@ -252,7 +307,78 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"KL(teacher||model) {result.kl:.4f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
 
 
-COMMANDS = {"convert": run_convert, "generate": run_generate, "eval": run_eval}
+def run_train(args: argparse.Namespace) -> None:
+    from t2r.config import T2RConfig
+    from t2r.convert import convert, load_model
+    from t2r.hub import load_teacher
+    from t2r.model import T2RForCausalLM
+    from t2r.train import Trainer, training_data
+
+    config = TrainConfig(
+        transfer_steps=args.transfer_steps,
+        finetune_steps=args.finetune_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        lr_transfer=args.lr_transfer,
+        lr_finetune=args.lr_finetune,
+        ce_weight=args.ce_weight,
+        distill_weight=args.distill_weight,
+        temperature=args.temperature,
+        lora_rank=args.lora_rank,
+        full=args.full,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
+        eval_blocks=args.eval_blocks,
+        seed=args.seed,
+    )
+    if args.out.exists() and not args.resume and any(args.out.iterdir()):
+        raise UsageError(f"{args.out} already holds a run; pass --resume to continue it, or choose a new --out")
+    if args.resume and not (args.out / "manifest.json").is_file():
+        raise UsageError(f"{args.out}: no run to resume (no manifest.json)")
+    if not args.out.parent.exists():
+        raise UsageError(f"{args.out.parent}: no such folder")
+    student, tokenizer = load_model(args.model)
+    if isinstance(student, T2RForCausalLM):
+        if args.feature_map or args.feature_dim or args.untie_qk:
+            raise UsageError(f"{args.model} is already converted; drop --feature-map/--feature-dim/--untie-qk")
+        teacher_spec = args.teacher or student.config.base_model
+        if teacher_spec is None:
+            raise UsageError("--teacher is needed: this model records no base model")
+    else:
+        teacher_spec = args.teacher or args.model
+        student = convert(
+            student,
+            T2RConfig(
+                feature_map=args.feature_map or "hedgehog",
+                feature_dim=args.feature_dim,
+                tie_qk=not args.untie_qk,
+                seed=args.seed,
+                base_model=teacher_spec,
+            ),
+        )
+    teacher, _ = load_teacher(teacher_spec)
+    data = training_data(args.data, args.distill_data, tokenizer, config.seq_len, config.seed)
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    trainer = Trainer(student, teacher, data, config, args.out, settings)
+    evaluations = trainer.run(resume=args.resume)
+    summary = trainer.finish(tokenizer, evaluations)
+    if trainer.accelerator.is_main_process:
+        print(summary_table(summary, teacher_spec, args.out / "model"))
+
+
+def summary_table(summary: dict[str, Any], teacher: str, model: Path) -> str:
+    rows = [f"{'':<22}{'perplexity':>12}{'KL':>10}{'top-1 agree':>13}"]
+    for stage, result in summary["validation"].items():
+        rows.append(
+            f"{'after ' + stage:<22}{result['perplexity']:>12.3f}{result['kl']:>10.4f}{result['top1_agreement']:>13.4f}"
+        )
+    rows.append(f"validation: held-out blocks of the training data, teacher {teacher}")
+    rows.append(f"tokens {summary['tokens']:,}, wall time {summary['minutes']:.1f} min; model saved to {model}")
+    return "\n".join(rows)
+
+
+COMMANDS = {"convert": run_convert, "train": run_train, "generate": run_generate, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,5 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         print("t2r: interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as stop:
+        print(f"t2r: {stop}; checkpoint saved, continue with --resume", file=sys.stderr)
         return 130
     return 0

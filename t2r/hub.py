@@ -156,7 +156,7 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
     online = hub_reachable()
     if not online:
         # Only the local Hugging Face cache is tried: no minute of retries against a dead network.
-        _enter_offline_mode()
+        enter_offline_mode()
     try:
         return _load_pretrained(source.name, local_files_only=not online)
     except Exception as error:  # network, missing repo, bad weights: all one line
@@ -169,14 +169,14 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
         ) from None
 
 
-def _enter_offline_mode() -> None:
+def enter_offline_mode() -> None:
     """Switch huggingface_hub to offline mode for this process, as HF_HUB_OFFLINE=1 would at start-up.
 
     `local_files_only` alone is not enough: transformers still probes the hub for side files
     (adapter configs, chat templates), five retries each. huggingface_hub reads the variable once at
     import, so the module-level flag behind `is_offline_mode()` is set as well.
     """
-    import huggingface_hub
+    import huggingface_hub.constants  # a lazy submodule: no attribute of the package until imported
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     huggingface_hub.constants.HF_HUB_OFFLINE = True

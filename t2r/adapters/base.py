@@ -32,6 +32,8 @@ class Adapter:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    # Module-name suffixes (inside a converted model) of the attention projections LoRA adapts.
+    lora_targets: tuple[str, ...] = ()
 
     def head_shape(self, config: Any) -> HeadShape:
         raise NotImplementedError

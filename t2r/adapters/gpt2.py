@@ -13,6 +13,7 @@ from t2r.adapters.base import Adapter, Attend, HeadShape
 class GPT2Adapter(Adapter):
     name = "gpt2"
     model_types = ("gpt2",)
+    lora_targets = ("projections.c_attn", "projections.c_proj")
 
     def head_shape(self, config: Any) -> HeadShape:
         heads = config.num_attention_heads

@@ -14,6 +14,7 @@ from t2r.adapters.base import Adapter, Attend, HeadShape
 class GPTNeoXAdapter(Adapter):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
+    lora_targets = ("projections.query_key_value", "projections.dense")
 
     def head_shape(self, config: Any) -> HeadShape:
         heads = config.num_attention_heads

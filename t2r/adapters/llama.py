@@ -14,6 +14,7 @@ from t2r.adapters.base import Adapter, Attend, HeadShape
 class LlamaAdapter(Adapter):
     name = "llama"
     model_types = ("llama", "mistral", "qwen2")
+    lora_targets = ("projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.o_proj")
 
     def head_shape(self, config: Any) -> HeadShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

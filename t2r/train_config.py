@@ -1,0 +1,45 @@
+"""Settings of a training run: a frozen dataclass, importable without torch (the CLI reads its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from t2r.errors import UsageError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run (saved in the manifest; a resumed run must match them).
+
+    batch_size counts blocks of seq_len tokens per optimizer step on each process, split into
+    grad_accum micro-batches.
+    """
+
+    transfer_steps: int = 300
+    finetune_steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr_transfer: float = 1e-2
+    lr_finetune: float = 1e-3
+    warmup: float = 0.05
+    clip: float = 1.0
+    ce_weight: float = 1.0
+    distill_weight: float = 1.0
+    temperature: float = 1.0
+    lora_rank: int = 8
+    full: bool = False
+    checkpoint_every: int = 50
+    keep: int = 2
+    eval_blocks: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size % self.grad_accum:
+            raise UsageError(f"--batch-size {self.batch_size} is not a multiple of --grad-accum {self.grad_accum}")
+        if self.transfer_steps < 0 or self.finetune_steps < 0:
+            raise UsageError("step counts must be >= 0")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved."""

@@ -1,0 +1,207 @@
+"""Training: exact resume after SIGKILL, two processes through accelerate, half-written checkpoints,
+a non-finite loss, and the objectives themselves (tiny models, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2r.checkpoint import MARKER, latest_checkpoint, load_checkpoint
+from t2r.config import T2RConfig
+from t2r.convert import convert, load_converted
+from t2r.errors import T2RError
+from t2r.objectives import AttentionTransfer
+from t2r.train import Trainer, TrainingData
+from t2r.train_config import TrainConfig
+from tests.conftest import TRAINING_TEXT, tiny_model
+
+STEPS = ["--transfer-steps", "5", "--finetune-steps", "5", "--checkpoint-every", "2", "--keep", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text("\n\n".join(TRAINING_TEXT * 40))
+    return path
+
+
+def train_command(teacher: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        "t2r",
+        "train",
+        "--model",
+        str(teacher),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--eval-blocks",
+        "2",
+        "--feature-map",
+        "hedgehog",
+        "--untie-qk",
+        "--lora-rank",
+        "4",
+        *STEPS,
+        *extra,
+    ]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def losses(out: Path) -> list[tuple[str, int, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def test_resume_after_sigkill_replays_the_same_losses(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    result = subprocess.run(
+        [sys.executable, *train_command(teacher_folder, corpus, straight)],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = losses(straight)
+    assert [(s, i) for s, i, _ in expected] == [("transfer", i) for i in range(5)] + [("finetune", i) for i in range(5)]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, *train_command(teacher_folder, corpus, killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=environment(),
+    )
+    deadline = time.time() + 300
+    # Kill hard in the fine-tuning stage, after its first checkpoint, mid-run.
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and sum(s == "finetune" for s, _, _ in losses(killed)) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists()
+    resumed = subprocess.run(
+        [sys.executable, *train_command(teacher_folder, corpus, killed), "--resume"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(killed) == expected  # bit for bit: floats compared exactly
+    a, _ = load_converted(straight / "model")
+    b, _ = load_converted(killed / "model")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_two_processes_through_accelerate(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    # accelerate's torchrun launcher (`--multi_gpu`) is its multi-process launcher; without GPUs
+    # t2r's Accelerator runs the processes on the CPU with gloo.
+    launch = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    args = train_command(teacher_folder, corpus, out)
+    result = subprocess.run([*launch, *args], capture_output=True, text=True, env=environment(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    assert len(losses(out)) == 10  # one log line a step: only the main process writes
+    assert losses(out)[-1][1] == 4
+    assert json.loads((out / "summary.json").read_text())["tokens"] == 10 * 4 * 32 * 2
+    model, _ = load_converted(out / "model")
+    assert model.config.feature_map == "hedgehog"
+
+
+def tiny_trainer(out: Path, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    student = convert(tiny_model("llama"), T2RConfig(feature_map="t2r", chunk_size=16))
+    blocks = torch.randint(3, 300, (24, 32), generator=torch.Generator().manual_seed(0))
+    data = TrainingData(blocks[:20], torch.ones(20, dtype=torch.bool), blocks[20:], [])
+    settings = (
+        dict(transfer_steps=6, finetune_steps=0, batch_size=2, seq_len=32, checkpoint_every=2, eval_blocks=2)
+        | overrides
+    )
+    return Trainer(student, tiny_model("llama"), data, TrainConfig(**settings), out, {}, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    trainer = tiny_trainer(tmp_path / "run")
+    calls = {"n": 0}
+    original = AttentionTransfer.forward
+
+    def poisoned(self, records, mask):
+        calls["n"] += 1
+        loss, per_layer = original(self, records, mask)
+        return (loss * float("nan"), per_layer) if calls["n"] == 4 else (loss, per_layer)
+
+    monkeypatch.setattr(AttentionTransfer, "forward", poisoned)
+    with pytest.raises(T2RError, match="non-finite at transfer step 3"):
+        trainer.run(resume=False)
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last is not None and last.name.endswith("0000001")
+    state = load_checkpoint(last, trainer.student, None)
+    assert state["stage_step"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path / "run")
+    trainer.run(resume=False)
+    folder = tmp_path / "run" / "checkpoints"
+    newest = latest_checkpoint(folder)
+    # A later checkpoint that died before its marker: never chosen.
+    broken = folder / "checkpoint-0000009"
+    broken.mkdir()
+    (broken / "trainable.safetensors").write_bytes(b"\0" * 10)
+    assert latest_checkpoint(folder) == newest
+    (broken / MARKER).write_text("")
+    assert latest_checkpoint(folder) == broken
+
+
+def test_attention_transfer_lowers_its_loss(tmp_path: Path) -> None:
+    """A few steps of transfer reduce the MSE to the teacher's attention on a fixed batch."""
+    trainer = tiny_trainer(tmp_path / "run", transfer_steps=30, lr_transfer=3e-2, checkpoint_every=100)
+    from t2r.objectives import record_attention
+
+    ids = trainer.data.blocks[:4]
+    mask = torch.ones_like(ids)
+
+    def transfer_loss() -> float:
+        with torch.no_grad(), record_attention(trainer.teacher, trainer.student.adapter) as records:
+            trainer.teacher(input_ids=ids, attention_mask=mask)
+            return AttentionTransfer(trainer.student)(records, mask)[0].item()
+
+    before = transfer_loss()
+    trainer.run(resume=False)
+    assert transfer_loss() < 0.9 * before
