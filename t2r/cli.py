@@ -28,24 +28,24 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def bounded_float(low: float, high: float, include_low: bool = False):
@@ -117,7 +117,7 @@ def build_parser() -> Parser:
     )
     train.add_argument("--feature-map", choices=FEATURE_MAPS, default=None, help="for a new conversion")
     train.add_argument("--feature-dim", type=positive_int, default=None)
-    train.add_argument("--untie-qk", action="store_true")
+    train.add_argument("--untie-qk", action="store_true", help="separate q/k maps (the default for hedgehog)")
     defaults = TrainConfig()
     train.add_argument("--transfer-steps", type=non_negative_int, default=defaults.transfer_steps)
     train.add_argument("--finetune-steps", type=non_negative_int, default=defaults.finetune_steps)
@@ -138,6 +138,11 @@ def build_parser() -> Parser:
     train.add_argument("--eval-blocks", type=positive_int, default=defaults.eval_blocks)
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="baseline: same architecture, random weights, all trained (implies --full)",
+    )
 
     evaluate = commands.add_parser("eval", help="perplexity on a text file, optionally fidelity to the teacher")
     evaluate.add_argument("model", help="a converted model folder, or any teacher (alias, .gguf, folder, hub id)")
@@ -308,9 +313,12 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    import torch
+
     from t2r.config import T2RConfig
     from t2r.convert import convert, load_model
-    from t2r.hub import load_teacher
+    from t2r.data import resolve_sources
+    from t2r.hub import empty_model, load_teacher
     from t2r.model import T2RForCausalLM
     from t2r.train import Trainer, training_data
 
@@ -326,7 +334,7 @@ def run_train(args: argparse.Namespace) -> None:
         distill_weight=args.distill_weight,
         temperature=args.temperature,
         lora_rank=args.lora_rank,
-        full=args.full,
+        full=args.full or args.from_scratch,
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
         eval_blocks=args.eval_blocks,
@@ -338,21 +346,28 @@ def run_train(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.out}: no run to resume (no manifest.json)")
     if not args.out.parent.exists():
         raise UsageError(f"{args.out.parent}: no such folder")
+    resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)
     if isinstance(student, T2RForCausalLM):
-        if args.feature_map or args.feature_dim or args.untie_qk:
-            raise UsageError(f"{args.model} is already converted; drop --feature-map/--feature-dim/--untie-qk")
+        if args.feature_map or args.feature_dim or args.untie_qk or args.from_scratch:
+            raise UsageError(f"{args.model} is already converted; drop the conversion flags")
         teacher_spec = args.teacher or student.config.base_model
         if teacher_spec is None:
             raise UsageError("--teacher is needed: this model records no base model")
     else:
         teacher_spec = args.teacher or args.model
+        feature_map = args.feature_map or "hedgehog"
+        if args.from_scratch:  # the paper's baseline: an RNN of the same shape that was never pretrained
+            torch.manual_seed(args.seed)
+            student = empty_model(student.config)
         student = convert(
             student,
             T2RConfig(
-                feature_map=args.feature_map or "hedgehog",
+                feature_map=feature_map,
                 feature_dim=args.feature_dim,
-                tie_qk=not args.untie_qk,
+                # Hedgehog learns separate maps for queries and keys; T2R shares one (the paper),
+                # and random features must be shared to estimate the softmax kernel at all.
+                tie_qk=feature_map != "hedgehog" and not args.untie_qk,
                 seed=args.seed,
                 base_model=teacher_spec,
             ),

@@ -183,32 +183,10 @@ def _score_recurrent(
     return totals
 
 
-@torch.no_grad()
 def evaluate_blocks(
     model: nn.Module, blocks: torch.Tensor, teacher: nn.Module | None, batch_size: int = 4, form: str = "chunked"
 ) -> EvalResult:
-    """Score packed blocks [N, T] (e.g. a held-out split): every token but each block's first."""
-    start = time.perf_counter()
-    totals = Totals()
-    for first in range(0, len(blocks), batch_size):
-        input_ids = blocks[first : first + batch_size]
-        mask = torch.ones_like(input_ids)
-        targets = torch.zeros_like(input_ids)
-        targets[:, :-1] = input_ids[:, 1:]
-        target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        target_mask[:, :-1] = True
-        teacher_logits = logits_of(teacher, input_ids, mask, form) if teacher is not None else None
-        totals.add(score(logits_of(model, input_ids, mask, form), targets, target_mask, teacher_logits))
-    nll = totals.nll / totals.tokens
-    return EvalResult(
-        perplexity=math.exp(nll),
-        nll=nll,
-        tokens=totals.tokens,
-        windows=len(blocks),
-        seq_len=blocks.shape[1],
-        stride=blocks.shape[1],
-        mode=form if isinstance(model, T2RForCausalLM) else "softmax",
-        seconds=time.perf_counter() - start,
-        kl=totals.kl / totals.tokens if teacher is not None else None,
-        top1_agreement=totals.agree / totals.tokens if teacher is not None else None,
-    )
+    """Score packed blocks [N, T] (e.g. a held-out split): each block is one window, every token but
+    its first scored."""
+    length = blocks.shape[1]
+    return evaluate(model, blocks.flatten(), length, length, form, teacher, batch_size, progress=False)

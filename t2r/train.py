@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from t2r.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2r.data import batch_indices, load_blocks
-from t2r.errors import T2RError
+from t2r.errors import T2RError, UsageError
 from t2r.evaluate import EvalResult, evaluate_blocks
 from t2r.lora import add_lora, has_lora, merge_lora
 from t2r.model import T2RForCausalLM
@@ -160,6 +160,11 @@ class Trainer:
         self.checkpoints = out / "checkpoints"
         self.tokens = 0
         self.started = time.perf_counter()
+        self.earlier_seconds = 0.0  # training time of the runs this one resumes
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, across resumed runs."""
+        return self.earlier_seconds + time.perf_counter() - self.started
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -188,7 +193,9 @@ class Trainer:
         kept = []
         for line in self.metrics_path.read_text().splitlines():
             record = json.loads(line)
-            if STAGES.index(record["stage"]) < stage_index or record["step"] <= step:
+            earlier_stage = STAGES.index(record["stage"]) < stage_index
+            same_stage_done = record["stage"] == stage and "loss" in record and record["step"] <= step
+            if earlier_stage or same_stage_done:  # validations of the resumed stage are redone
                 kept.append(line)
         self.metrics_path.write_text("".join(k + "\n" for k in kept))
 
@@ -205,9 +212,14 @@ class Trainer:
     # ------------------------------------------------------------------ stages
 
     def set_trainable(self, stage: str) -> None:
+        """Transfer trains the feature maps (for a map without parameters, ELU+1 or fixed random
+        features, the attention's own projections instead); fine-tuning trains the feature maps and
+        LoRA adapters, or everything with `full`."""
+        names = [name for name, _ in self.student.named_parameters()]
+        learned_maps = any("feature_map" in name for name in names)
         for name, parameter in self.student.named_parameters():
             if stage == "transfer":
-                parameter.requires_grad_("feature_map" in name)
+                parameter.requires_grad_("feature_map" in name if learned_maps else ".projections." in name)
             elif self.config.full:
                 parameter.requires_grad_(True)
             else:
@@ -220,11 +232,34 @@ class Trainer:
         if checkpoint is not None:
             saved = json.loads((checkpoint / "trainer.json").read_text())
             resumed_stage, resumed_step = saved["stage"], saved["stage_step"]
+        manifest = self.manifest()
+        manifest_path = self.out / "manifest.json"
+        if resume and manifest_path.is_file():
+            saved = json.loads(manifest_path.read_text())
+            for key in ("train_config", "t2r_config", "data", "processes"):
+                if saved.get(key) != manifest[key]:
+                    raise UsageError(f"--resume: this run's {key.replace('_', ' ')} differs from the saved run's")
+            manifest["resumes"] = saved.get("resumes", 0) + 1
         if self.accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "manifest.json").write_text(json.dumps(self.manifest(), indent=2))
+            if checkpoint is None and self.metrics_path.exists():
+                self.metrics_path.unlink()  # no checkpoint to resume from: the run starts over
+            manifest_path.write_text(json.dumps(manifest, indent=2))
         plan = [("transfer", config.transfer_steps), ("finetune", config.finetune_steps)]
         evaluations: dict[str, Any] = {}
+        with StopFlag() as self.stop:
+            self.run_stages(plan, checkpoint, resumed_stage, resumed_step, evaluations)
+        return evaluations
+
+    def run_stages(
+        self,
+        plan: list[tuple[str, int]],
+        checkpoint: Path | None,
+        resumed_stage: str | None,
+        resumed_step: int,
+        evaluations: dict[str, Any],
+    ) -> None:
+        config = self.config
         for stage, steps in plan:
             if steps == 0:
                 continue
@@ -237,7 +272,6 @@ class Trainer:
             self.run_stage(stage, steps, resume_from, resumed_step if resume_from else -1)
             result = self.validate(stage, steps)
             evaluations[stage] = result.to_dict()
-        return evaluations
 
     def run_stage(self, stage: str, steps: int, checkpoint: Path | None, done_step: int) -> None:
         config = self.config
@@ -257,30 +291,38 @@ class Trainer:
             trainer_state = load_checkpoint(checkpoint, self.student, optimizer)
             scheduler.load_state_dict(trainer_state["scheduler"])
             self.tokens = trainer_state["tokens"]
+            self.earlier_seconds = trainer_state.get("seconds", 0.0)
+            self.started = time.perf_counter()
             self.truncate_metrics(stage, done_step)
         objective, optimizer = accelerator.prepare(objective, optimizer)
         start = done_step + 1
         tokens_per_step = config.batch_size * config.seq_len * accelerator.num_processes
         bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not self.progress)
         stage_started, stage_tokens = time.perf_counter(), 0
-        with StopFlag() as stop:
-            for step in range(start, steps):
-                record = self.train_step(stage, step, objective, optimizer)
-                scheduler.step()
-                self.tokens += tokens_per_step
-                stage_tokens += tokens_per_step
-                rate = stage_tokens / (time.perf_counter() - stage_started)
-                record.update(stage=stage, step=step, lr=scheduler.get_last_lr()[0], tokens=self.tokens)
-                self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{rate:.0f}")
-                bar.update(1)
-                last = step == steps - 1
-                due = (step + 1) % config.checkpoint_every == 0
-                if due or last or stop.raised is not None:
-                    self.save(stage, step, optimizer, scheduler)
-                if stop.raised is not None and not last:
-                    bar.close()
-                    raise Interrupted(f"stopped by signal {stop.raised} after {stage} step {step}")
+        stop = self.stop
+        for step in range(start, steps):
+            record = self.train_step(stage, step, objective, optimizer)
+            scheduler.step()
+            self.tokens += tokens_per_step
+            stage_tokens += tokens_per_step
+            rate = stage_tokens / (time.perf_counter() - stage_started)
+            record.update(
+                stage=stage,
+                step=step,
+                lr=scheduler.get_last_lr()[0],
+                tokens=self.tokens,
+                seconds=round(self.elapsed(), 3),
+            )
+            self.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            last = step == steps - 1
+            due = (step + 1) % config.checkpoint_every == 0
+            if due or last or stop.raised is not None:
+                self.save(stage, step, optimizer, scheduler)
+            if stop.raised is not None and not last:
+                bar.close()
+                raise Interrupted(f"stopped by signal {stop.raised} after {stage} step {step}")
         bar.close()
 
     def train_step(self, stage: str, step: int, objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -335,6 +377,7 @@ class Trainer:
                 "stage_step": step,
                 "scheduler": scheduler.state_dict(),
                 "tokens": self.tokens,
+                "seconds": self.elapsed(),
             }
             order = STAGES.index(stage) * 10_000_000 + step  # checkpoint names sort across stages
             save_checkpoint(self.checkpoints, order, self.student, optimizer, trainer, self.config.keep)
@@ -352,7 +395,7 @@ class Trainer:
 
         summary = {
             "tokens": self.tokens,
-            "minutes": (time.perf_counter() - self.started) / 60,
+            "minutes": self.elapsed() / 60,
             "validation": evaluations,
         }
         if self.accelerator.is_main_process:

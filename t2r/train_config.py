@@ -15,8 +15,8 @@ class TrainConfig:
     grad_accum micro-batches.
     """
 
-    transfer_steps: int = 300
-    finetune_steps: int = 200
+    transfer_steps: int = 350
+    finetune_steps: int = 70
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 512

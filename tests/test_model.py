@@ -4,6 +4,7 @@ invisible, the state does not grow, save -> load is bit-identical, the teacher's
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,14 @@ def test_overwrite_replaces_a_model_in_one_step(tmp_path: Path) -> None:
     loaded, _ = load_converted(tmp_path / "model")
     assert loaded.config.seed == 2
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_gpt2_refuses_positions_past_its_table() -> None:
+    from t2r.errors import T2RError
+
+    model = converted("gpt2")
+    limit = model.base.config.n_positions
+    _, state = model(torch.randint(3, VOCAB, (1, 4)))
+    far = dataclasses.replace(state, seen=torch.tensor([limit]))
+    with pytest.raises(T2RError, match="learned positions"):
+        model.step(torch.tensor([5]), far)

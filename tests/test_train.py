@@ -205,3 +205,125 @@ def test_attention_transfer_lowers_its_loss(tmp_path: Path) -> None:
     before = transfer_loss()
     trainer.run(resume=False)
     assert transfer_loss() < 0.9 * before
+
+
+def test_transfer_of_a_parameter_free_map_trains_the_projections(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    student = convert(tiny_model("llama"), T2RConfig(feature_map="elu", chunk_size=16))
+    blocks = torch.randint(3, 300, (12, 32), generator=torch.Generator().manual_seed(0))
+    data = TrainingData(blocks[:10], torch.ones(10, dtype=torch.bool), blocks[10:], [])
+    config = TrainConfig(transfer_steps=2, finetune_steps=0, batch_size=2, seq_len=32, eval_blocks=2)
+    trainer = Trainer(student, tiny_model("llama"), data, config, tmp_path / "run", {}, progress=False)
+    before = {n: p.clone() for n, p in student.named_parameters()}
+    trainer.run(resume=False)
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".projections." in n for n in changed)
+
+
+def test_from_scratch_baseline_has_the_teachers_shape_but_not_its_weights(
+    teacher_folder: Path, corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scratch"
+    args = [
+        "-m",
+        "t2r",
+        "train",
+        "--model",
+        str(teacher_folder),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--transfer-steps",
+        "0",
+        "--finetune-steps",
+        "2",
+        "--feature-map",
+        "t2r",
+        "--from-scratch",
+        "--eval-blocks",
+        "1",
+    ]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    model, _ = load_converted(out / "model")
+    teacher = tiny_model("llama")
+    embedding = model.base.get_input_embeddings().weight
+    assert embedding.shape == teacher.get_input_embeddings().weight.shape
+    assert not torch.equal(embedding, teacher.get_input_embeddings().weight)
+    assert json.loads((out / "manifest.json").read_text())["train_config"]["full"] is True
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "term"
+    command = train_command(teacher_folder, corpus, out)
+    command[command.index("--checkpoint-every") + 1] = "1000"  # only the signal writes one mid-run
+    process = subprocess.Popen(
+        [sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment()
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "continue with --resume" in stderr and "Traceback" not in stderr
+    saved = latest_checkpoint(out / "checkpoints")
+    assert saved is not None
+    done = len(losses(out))
+    resumed = subprocess.run(
+        [sys.executable, *command, "--resume"], capture_output=True, text=True, env=environment(), timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(losses(out)) == 10 and done < 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--data", "{empty}"], "empty"),
+        (["--data", "/no/such/file.txt"], "no such file"),
+        (["--batch-size", "3", "--grad-accum", "2"], "multiple"),
+        (["--resume"], "no run to resume"),
+    ],
+)
+def test_train_usage_errors_are_one_line(extra, words, teacher_folder: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    args = [
+        "-m",
+        "t2r",
+        "train",
+        "--model",
+        str(teacher_folder),
+        "--out",
+        str(tmp_path / "out"),
+        *[a.format(empty=empty) for a in extra],
+    ]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("t2r: error:") and words in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_an_existing_run_without_resume(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    args = ["-m", "t2r", "train", "--model", str(teacher_folder), "--data", str(corpus), "--out", str(out)]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=120)
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
+    from t2r.errors import UsageError
+
+    tiny_trainer(tmp_path / "run", transfer_steps=2).run(resume=False)
+    with pytest.raises(UsageError, match="train config differs"):
+        tiny_trainer(tmp_path / "run", transfer_steps=3).run(resume=True)
+    assert tiny_trainer(tmp_path / "run", transfer_steps=2).run(resume=True)  # same settings: fine

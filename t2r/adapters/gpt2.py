@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from t2r.adapters.base import Adapter, Attend, HeadShape
+from t2r.errors import T2RError
 
 
 class GPT2Adapter(Adapter):
@@ -27,6 +28,11 @@ class GPT2Adapter(Adapter):
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         transformer = model.transformer
+        limit = transformer.wpe.num_embeddings
+        if positions.numel() and int(positions.max()) >= limit:
+            # Learned absolute positions stop at the table's end: the recurrent state could go on,
+            # the position embedding cannot.
+            raise T2RError(f"GPT-2 has learned positions for {limit} tokens only; this sequence needs more")
         return transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
 
     def project(self, attention: nn.Module, hidden: torch.Tensor, rotary: Any):
