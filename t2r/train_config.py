@@ -12,7 +12,9 @@ class TrainConfig:
     """Settings of a training run (saved in the manifest; a resumed run must match them).
 
     batch_size counts blocks of seq_len tokens per optimizer step on each process, split into
-    grad_accum micro-batches.
+    grad_accum micro-batches. The defaults are the recipe of BENCHMARKS.md (scripts/recipe.py):
+    about 55 minutes on 2 CPU cores; fine-tuning is distillation from the teacher's logits alone
+    (ce_weight 0), which serves fidelity to the teacher best; --ce-weight adds next-token loss.
     """
 
     transfer_steps: int = 350
@@ -24,7 +26,7 @@ class TrainConfig:
     lr_finetune: float = 1e-3
     warmup: float = 0.05
     clip: float = 1.0
-    ce_weight: float = 1.0
+    ce_weight: float = 0.0
     distill_weight: float = 1.0
     temperature: float = 1.0
     lora_rank: int = 8
