@@ -344,8 +344,8 @@ def run_train(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.out} already holds a run; pass --resume to continue it, or choose a new --out")
     if args.resume and not (args.out / "manifest.json").is_file():
         raise UsageError(f"{args.out}: no run to resume (no manifest.json)")
-    if not args.out.parent.exists():
-        raise UsageError(f"{args.out.parent}: no such folder")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"{args.out}: exists and is not a folder")
     resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)
     if isinstance(student, T2RForCausalLM):

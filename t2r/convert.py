@@ -70,13 +70,17 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
     """Fail early, before any heavy work, if `out` cannot be written."""
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise UsageError(f"{out.parent}: no such folder")
+    for parent in out.parents:  # missing parents are created at save time; a file in the way is not
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{parent}: not a folder")
+            break
 
 
 def save_converted(model: T2RForCausalLM, tokenizer: Any, out: Path, overwrite: bool = False) -> None:
     """Write the model folder atomically (hidden partial folder, then rename)."""
     check_output_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -272,3 +272,14 @@ def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
         assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     help_run = subprocess.run([sys.executable, "-m", "t2r", "--help"], capture_output=True, text=True, env=env)
     assert help_run.returncode == 0 and "convert" in help_run.stdout
+
+
+def test_convert_creates_missing_parent_folders(teacher_folder: Path, tmp_path: Path, capfd) -> None:
+    out = tmp_path / "runs" / "deeper" / "model"
+    code, _, err = run(["convert", "--model", teacher_folder, "--out", out], capfd)
+    assert code == 0, err
+    assert (out / "config.json").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["convert", "--model", teacher_folder, "--out", blocker / "model"], capfd)
+    assert code == 2 and "not a folder" in only_line(err)

@@ -327,3 +327,29 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="train config differs"):
         tiny_trainer(tmp_path / "run", transfer_steps=3).run(resume=True)
     assert tiny_trainer(tmp_path / "run", transfer_steps=2).run(resume=True)  # same settings: fine
+
+
+def test_train_creates_missing_parent_folders(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs" / "first"
+    args = [
+        "-m",
+        "t2r",
+        "train",
+        "--model",
+        str(teacher_folder),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--transfer-steps",
+        "1",
+        "--finetune-steps",
+        "1",
+    ]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model" / "config.json").is_file()
