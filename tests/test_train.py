@@ -220,16 +220,14 @@ def test_transfer_of_a_parameter_free_map_trains_the_projections(tmp_path: Path)
     assert changed and all(".projections." in n for n in changed)
 
 
-def test_from_scratch_baseline_has_the_teachers_shape_but_not_its_weights(
-    teacher_folder: Path, corpus: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "scratch"
+def run_train(teacher: Path, corpus: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`t2r train` on the tiny teacher with blocks of 32 tokens, two to a step."""
     args = [
         "-m",
         "t2r",
         "train",
         "--model",
-        str(teacher_folder),
+        str(teacher),
         "--data",
         str(corpus),
         "--out",
@@ -238,17 +236,30 @@ def test_from_scratch_baseline_has_the_teachers_shape_but_not_its_weights(
         "32",
         "--batch-size",
         "2",
+        *flags,
+    ]
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=300)
+
+
+def test_from_scratch_baseline_has_the_teachers_shape_but_not_its_weights(
+    teacher_folder: Path, corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scratch"
+    # No training steps, and a seed unlike the tiny teacher's: the weights are the fresh random ones.
+    result = run_train(
+        teacher_folder,
+        corpus,
+        out,
         "--transfer-steps",
         "0",
         "--finetune-steps",
-        "2",
+        "0",
         "--feature-map",
         "t2r",
         "--from-scratch",
-        "--eval-blocks",
-        "1",
-    ]
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=300)
+        "--seed",
+        "7",
+    )
     assert result.returncode == 0, result.stderr
     model, _ = load_converted(out / "model")
     teacher = tiny_model("llama")
@@ -331,25 +342,6 @@ def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
 
 def test_train_creates_missing_parent_folders(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs" / "first"
-    args = [
-        "-m",
-        "t2r",
-        "train",
-        "--model",
-        str(teacher_folder),
-        "--data",
-        str(corpus),
-        "--out",
-        str(out),
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--transfer-steps",
-        "1",
-        "--finetune-steps",
-        "1",
-    ]
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environment(), timeout=300)
+    result = run_train(teacher_folder, corpus, out, "--transfer-steps", "1", "--finetune-steps", "1")
     assert result.returncode == 0, result.stderr
     assert (out / "model" / "config.json").is_file()
