@@ -61,6 +61,49 @@ def bounded_float(low: float, high: float, include_low: bool = False):
     return parse
 
 
+def layer_indices(text: str) -> tuple[int, ...]:
+    """'0,5,29' -> (0, 5, 29)."""
+    try:
+        indices = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+    if not indices or min(indices) < 0:
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0, got {text!r}")
+    return indices
+
+
+def add_attention_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the new attention, shared by convert and train."""
+    parser.add_argument(
+        "--window",
+        type=non_negative_int,
+        default=None,
+        help="exact softmax over the last W tokens + linear attention before them (default: 64; 0 = pure linear)",
+    )
+    parser.add_argument(
+        "--rotary-features",
+        action="store_true",
+        help="feature maps see q/k after rotary positions (default with a window: before, position-free)",
+    )
+    parser.add_argument(
+        "--softmax-layers",
+        type=layer_indices,
+        default=None,
+        help="comma-separated layer indices kept as exact softmax attention (their KV cache grows)",
+    )
+
+
+def attention_settings(args: argparse.Namespace) -> dict:
+    """T2RConfig fields from the attention flags (the config's defaults where a flag is absent)."""
+    window = 64 if args.window is None else args.window
+    return {
+        "window": window,
+        # Without a window the linear part is the only attention and needs the positions.
+        "rotary_features": args.rotary_features or window == 0,
+        "softmax_layers": args.softmax_layers or (),
+    }
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="t2r", description="Turn a pretrained transformer LM into a linear-attention RNN.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -79,6 +122,7 @@ def build_parser() -> Parser:
         help="feature size (default: 32 for t2r, 64 for rfa, head_dim for hedgehog)",
     )
     convert.add_argument("--untie-qk", action="store_true", help="separate feature maps for queries and keys")
+    add_attention_flags(convert)
     convert.add_argument("--chunk-size", type=positive_int, default=64)
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--out", type=Path, required=True, help="folder to write the converted model to")
@@ -118,6 +162,7 @@ def build_parser() -> Parser:
     train.add_argument("--feature-map", choices=FEATURE_MAPS, default=None, help="for a new conversion")
     train.add_argument("--feature-dim", type=positive_int, default=None)
     train.add_argument("--untie-qk", action="store_true", help="separate q/k maps (the default for hedgehog)")
+    add_attention_flags(train)
     defaults = TrainConfig()
     train.add_argument("--transfer-steps", type=non_negative_int, default=defaults.transfer_steps)
     train.add_argument("--finetune-steps", type=non_negative_int, default=defaults.finetune_steps)
@@ -196,15 +241,24 @@ def run_convert(args: argparse.Namespace) -> None:
         chunk_size=args.chunk_size,
         seed=args.seed,
         base_model=args.model,
+        **attention_settings(args),
     )
     check_output_folder(args.out, args.overwrite)
     teacher, tokenizer = load_teacher(args.model)
     model = convert(teacher, config)
     save_converted(model, tokenizer, args.out, overwrite=args.overwrite)
-    trained = sum(p.numel() for a in model.attentions for n, p in a.named_parameters() if "feature_map" in n)
+    trained = sum(
+        p.numel()
+        for a in model.attentions
+        for n, p in a.named_parameters()
+        if "feature_map" in n or "window_logit" in n
+    )
+    window = f"window {config.window} + " if config.window else ""
+    kept = f", {len(config.softmax_layers)} layers kept softmax" if config.softmax_layers else ""
     print(
-        f"converted {args.model} ({teacher.config.model_type}, {len(model.attentions)} layers) "
-        f"with {args.feature_map} feature maps ({trained:,} new parameters) -> {args.out}",
+        f"converted {args.model} ({teacher.config.model_type}, {len(model.attentions)} layers{kept}) "
+        f"to {window}linear attention with {args.feature_map} feature maps ({trained:,} new parameters) "
+        f"-> {args.out}",
         file=sys.stderr,
     )
 
@@ -349,7 +403,8 @@ def run_train(args: argparse.Namespace) -> None:
     resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)
     if isinstance(student, T2RForCausalLM):
-        if args.feature_map or args.feature_dim or args.untie_qk or args.from_scratch:
+        conversion_flags = (args.feature_map, args.feature_dim, args.untie_qk, args.from_scratch, args.window)
+        if any(flag not in (None, False) for flag in conversion_flags) or args.rotary_features or args.softmax_layers:
             raise UsageError(f"{args.model} is already converted; drop the conversion flags")
         teacher_spec = args.teacher or student.config.base_model
         if teacher_spec is None:
@@ -370,6 +425,7 @@ def run_train(args: argparse.Namespace) -> None:
                 tie_qk=feature_map != "hedgehog" and not args.untie_qk,
                 seed=args.seed,
                 base_model=teacher_spec,
+                **attention_settings(args),
             ),
         )
     teacher, _ = load_teacher(teacher_spec)

@@ -25,6 +25,12 @@ class T2RConfig:
     chunk_size: block length of the chunked form (memory O(T * chunk_size)).
     seed: seeds the initial feature-map parameters (and the fixed random features of rfa).
     base_model: how the teacher was named when converting (`--model`), kept for `eval --teacher`.
+    window: exact softmax attention over the last `window` tokens, linear attention for older ones
+        (the LoLCATs hybrid); 0 is pure linear attention. Memory stays constant either way.
+    rotary_features: the feature maps see q and k with rotary positions applied; False (the
+        default with a window) feeds them q and k before positions, which makes the linear part
+        position-free, so it runs unchanged past the teacher's context; the window keeps the order.
+    softmax_layers: indices of layers kept as exact softmax attention (a KV cache that grows).
     """
 
     feature_map: str = "t2r"
@@ -34,8 +40,16 @@ class T2RConfig:
     chunk_size: int = 64
     seed: int = 0
     base_model: str | None = None
+    window: int = 64
+    rotary_features: bool = False
+    softmax_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
+        if self.window < 0:
+            raise UsageError(f"window must be >= 0, got {self.window}")
+        if any(index < 0 for index in self.softmax_layers):
+            raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:
             raise UsageError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
         if self.feature_dim is not None and self.feature_dim < 1:
@@ -51,4 +65,9 @@ class T2RConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> T2RConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        values = {key: value for key, value in values.items() if key in known}
+        # Models saved before the hybrid existed are pure linear with features after rotary.
+        values.setdefault("window", 0)
+        values.setdefault("rotary_features", True)
+        values["softmax_layers"] = tuple(values.get("softmax_layers", ()))
+        return cls(**values)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from t2r import hub
 from t2r.adapters import adapter_for
-from t2r.attention import LinearAttention
+from t2r.attention import LinearAttention, SoftmaxAttention
 from t2r.config import T2RConfig
 from t2r.errors import T2RError, UsageError
 from t2r.feature_maps import build_feature_map
@@ -51,11 +51,29 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
         )
         return feature_map.to(device=parameter.device, dtype=parameter.dtype)
 
-    for layer in adapter.layers(teacher):
+    layers = adapter.layers(teacher)
+    beyond = [index for index in config.softmax_layers if index >= len(layers)]
+    if beyond:
+        raise UsageError(f"--softmax-layers {beyond[0]}: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    for index, layer in enumerate(layers):
         source = adapter.attention(layer)
+        if index in config.softmax_layers:
+            adapter.set_attention(layer, SoftmaxAttention(source, adapter, shape))
+            continue
         feature_map_q = new_map()
         feature_map_k = None if config.tie_qk else new_map()
-        adapter.set_attention(layer, LinearAttention(source, adapter, shape, feature_map_q, feature_map_k, config.eps))
+        attention = LinearAttention(
+            source,
+            adapter,
+            shape,
+            feature_map_q,
+            feature_map_k,
+            config.eps,
+            window=config.window,
+            rotary_features=config.rotary_features,
+            chunk_size=config.chunk_size,
+        )
+        adapter.set_attention(layer, attention.to(device=parameter.device))
     return T2RForCausalLM(teacher, adapter, config).eval()
 
 

@@ -10,9 +10,8 @@ import torch
 import torch.nn as nn
 
 from t2r.adapters import Adapter
-from t2r.attention import LinearAttention
+from t2r.attention import LinearAttention, SoftmaxAttention
 from t2r.config import T2RConfig
-from t2r.ops import attention_op
 from t2r.state import ModelState
 
 
@@ -29,7 +28,7 @@ class T2RForCausalLM(nn.Module):
         self.config = config
 
     @property
-    def attentions(self) -> list[LinearAttention]:
+    def attentions(self) -> list[LinearAttention | SoftmaxAttention]:
         return [self.adapter.attention(layer) for layer in self.adapter.layers(self.base)]
 
     @property
@@ -38,9 +37,10 @@ class T2RForCausalLM(nn.Module):
 
     def init_state(self, batch: int) -> ModelState:
         """An empty state for `batch` sequences; its size never changes while decoding."""
-        device = self.device
+        parameter = next(self.parameters())
+        device, dtype = parameter.device, parameter.dtype
         return ModelState(
-            layers=tuple(attention.init_state(batch, device) for attention in self.attentions),
+            layers=tuple(attention.init_state(batch, device, dtype) for attention in self.attentions),
             seen=torch.zeros(batch, dtype=torch.long, device=device),
         )
 
@@ -62,7 +62,6 @@ class T2RForCausalLM(nn.Module):
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
         # Position of a real token = real tokens before it; a pad repeats its neighbour's (unused).
         positions = (state.seen[:, None] + mask.cumsum(1) - 1).clamp_min(0)
-        op = attention_op(form, self.config.chunk_size)
 
         hidden = self.adapter.embed(self.base, input_ids, positions)
         rotary = self.adapter.rotary(self.base, hidden, positions)
@@ -71,7 +70,7 @@ class T2RForCausalLM(nn.Module):
             attention = self.adapter.attention(layer)
 
             def attend(x: torch.Tensor, attention=attention, layer_state=layer_state) -> torch.Tensor:
-                out, next_state = attention(x, rotary, mask, layer_state, op)
+                out, next_state = attention(x, rotary, mask, layer_state, form)
                 next_layers.append(next_state)
                 return out
 

@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2r.adapters import Adapter
+from t2r.attention import SoftmaxAttention
 from t2r.model import T2RForCausalLM
-from t2r.ops import attention_op
 
 
 @contextmanager
@@ -63,12 +63,13 @@ class AttentionTransfer(nn.Module):
         mask = attention_mask.to(torch.long)
         positions = (mask.cumsum(1) - 1).clamp_min(0)
         rotary = student.adapter.rotary(student.base, records[0][0], positions)
-        op = attention_op("chunked", student.config.chunk_size)
         weight = mask[..., None].to(records[0][1].dtype)
         losses = []
         for attention, (hidden, target) in zip(student.attentions, records, strict=True):
-            state = attention.init_state(hidden.shape[0], hidden.device)
-            out, _ = attention(hidden, rotary, mask, state, op)
+            if isinstance(attention, SoftmaxAttention):
+                continue  # kept exact: nothing to transfer
+            state = attention.init_state(hidden.shape[0], hidden.device, hidden.dtype)
+            out, _ = attention(hidden, rotary, mask, state, "chunked")
             losses.append(((out - target).square() * weight).sum() / (weight.sum() * out.shape[-1]))
         per_layer = torch.stack(losses)
         return per_layer.mean(), per_layer.detach()

@@ -1,6 +1,8 @@
 """Recurrent state: the whole memory of a converted model, allocated, passed in and returned.
 
-Its size depends on batch, heads and feature sizes only, never on how many tokens it has seen.
+A linear or hybrid (sliding window + linear) layer's state has a size set by batch, heads, feature
+size and window, never by how many tokens it has seen. A layer kept as softmax attention
+(`--softmax-layers`) carries a KV cache that grows by one key and value per token.
 """
 
 from __future__ import annotations
@@ -39,18 +41,118 @@ class LinearAttentionState:
 
 
 @dataclass(frozen=True)
+class HybridAttentionState:
+    """State of one hybrid layer: exact softmax over the last W tokens, linear attention before.
+
+    linear:      LinearAttentionState over every token older than the window (query heads)
+    keys:        [B, G, W, D] the last W keys as the softmax sees them (positions applied), G = kv heads
+    values:      [B, G, W, D]
+    linear_keys: [B, G, W, D] the same keys as the key feature map sees them; phi of the oldest one
+                 enters `linear` when a new token pushes it out of the window
+    valid:       [B, W] bool, False for an empty slot or a padded token
+    Slots are in time order, oldest first.
+    """
+
+    linear: LinearAttentionState
+    keys: torch.Tensor
+    values: torch.Tensor
+    linear_keys: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def zeros(
+        cls,
+        batch: int,
+        heads: int,
+        kv_heads: int,
+        feature_dim: int,
+        head_dim: int,
+        window: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> HybridAttentionState:
+        def empty() -> torch.Tensor:
+            return torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device)
+
+        return cls(
+            linear=LinearAttentionState.zeros(batch, heads, feature_dim, head_dim, device),
+            keys=empty(),
+            values=empty(),
+            linear_keys=empty(),
+            valid=torch.zeros(batch, window, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def window(self) -> int:
+        return self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        window = self.keys.nbytes + self.values.nbytes + self.linear_keys.nbytes + self.valid.nbytes
+        return self.linear.nbytes() + window
+
+    def select(self, index: torch.Tensor) -> HybridAttentionState:
+        return HybridAttentionState(
+            self.linear.select(index),
+            self.keys[index],
+            self.values[index],
+            self.linear_keys[index],
+            self.valid[index],
+        )
+
+
+@dataclass(frozen=True)
+class KVCacheState:
+    """State of a layer kept as softmax attention: every key and value seen (grows with tokens).
+
+    keys, values: [B, G, S, D] (positions applied), G = kv heads; valid: [B, S] bool (False = pad).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> KVCacheState:
+        return cls(
+            keys=torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
+            values=torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device),
+            valid=torch.zeros(batch, 0, dtype=torch.bool, device=device),
+        )
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.valid.nbytes
+
+    def bytes_per_token(self) -> int:
+        """What one more token costs this layer, per sequence."""
+        _, kv_heads, _, head_dim = self.keys.shape
+        return 2 * kv_heads * head_dim * self.keys.element_size() + self.valid.element_size()
+
+    def select(self, index: torch.Tensor) -> KVCacheState:
+        return KVCacheState(self.keys[index], self.values[index], self.valid[index])
+
+
+LayerState = LinearAttentionState | HybridAttentionState | KVCacheState
+
+
+@dataclass(frozen=True)
 class ModelState:
     """State of a whole converted model.
 
-    layers: one LinearAttentionState per layer.
+    layers: one state per layer (linear, hybrid, or a KV cache for a layer kept as softmax).
     seen:   [B] int64, real (unpadded) tokens seen so far per sequence; the next position id.
     """
 
-    layers: tuple[LinearAttentionState, ...]
+    layers: tuple[LayerState, ...]
     seen: torch.Tensor
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers) + self.seen.nbytes
+
+    def bytes_per_token(self) -> int:
+        """Bytes per sequence that each further token adds (0 without softmax layers)."""
+        return sum(layer.bytes_per_token() for layer in self.layers if isinstance(layer, KVCacheState))
 
     def select(self, index: torch.Tensor) -> ModelState:
         return ModelState(tuple(layer.select(index) for layer in self.layers), self.seen[index])

@@ -218,12 +218,13 @@ class Trainer:
         names = [name for name, _ in self.student.named_parameters()]
         learned_maps = any("feature_map" in name for name in names)
         for name, parameter in self.student.named_parameters():
+            mixing = "window_logit" in name  # the hybrid's softmax/linear share, learned with the maps
             if stage == "transfer":
-                parameter.requires_grad_("feature_map" in name if learned_maps else ".projections." in name)
+                parameter.requires_grad_(mixing or ("feature_map" in name if learned_maps else ".projections." in name))
             elif self.config.full:
                 parameter.requires_grad_(True)
             else:
-                parameter.requires_grad_("feature_map" in name or "lora_" in name)
+                parameter.requires_grad_(mixing or "feature_map" in name or "lora_" in name)
 
     def run(self, resume: bool) -> dict[str, Any]:
         config = self.config

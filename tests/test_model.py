@@ -14,13 +14,29 @@ import torch.nn.functional as F
 from t2r.adapters import adapter_for
 from t2r.config import T2RConfig
 from t2r.convert import convert, load_converted, save_converted
+from t2r.state import HybridAttentionState, KVCacheState
 from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
 TOLERANCE = 1e-4
 
 
+WINDOWS = [0, 5]  # pure linear, and a hybrid whose window is shorter than the test sequences
+
+
 def converted(family: str, feature_map: str = "t2r", **kwargs) -> torch.nn.Module:
+    kwargs.setdefault("window", 5)
+    kwargs.setdefault("rotary_features", kwargs["window"] == 0)
     return convert(tiny_model(family), T2RConfig(feature_map=feature_map, chunk_size=16, **kwargs))
+
+
+def state_tensors(layer_state) -> list[torch.Tensor]:
+    """Every tensor of one layer's state (linear, hybrid or KV cache), in a fixed order."""
+    if isinstance(layer_state, HybridAttentionState):
+        linear = layer_state.linear
+        return [linear.kv, linear.k_sum, layer_state.keys, layer_state.values, layer_state.linear_keys]
+    if isinstance(layer_state, KVCacheState):
+        return [layer_state.keys, layer_state.values]
+    return [layer_state.kv, layer_state.k_sum]
 
 
 def left_padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,18 +86,19 @@ def test_non_attention_weights_stay_bit_identical(family: str) -> None:
     after = {
         name.removeprefix("base.").replace(".projections.", "."): tensor
         for name, tensor in model.state_dict().items()
-        if ".feature_map_" not in name
+        if ".feature_map_" not in name and not name.endswith(".window_logit")
     }
     assert after.keys() == before.keys()
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
 
 
+@pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("feature_map", ["elu", "rfa", "t2r", "hedgehog"])
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str) -> None:
-    model = converted(family, feature_map, tie_qk=feature_map != "hedgehog")
+def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str, window: int) -> None:
+    model = converted(family, feature_map, tie_qk=feature_map != "hedgehog", window=window)
     ids, mask = left_padded_batch()
     full, full_state = model(ids, mask, form="parallel")
     chunked, _ = model(ids, mask, form="chunked")
@@ -96,33 +113,68 @@ def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str) 
     decoded = torch.cat(steps, 1)
     assert (decoded - full)[mask.bool()].abs().max() <= TOLERANCE
     for a, b in zip(state.layers, full_state.layers, strict=True):
-        assert (a.kv - b.kv).abs().max() <= TOLERANCE * max(1.0, b.kv.abs().max().item())
+        for x, y in zip(state_tensors(a), state_tensors(b), strict=True):
+            assert (x - y).abs().max() <= TOLERANCE * max(1.0, y.abs().max().item())
     assert torch.equal(state.seen, mask.sum(1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_left_padding_is_invisible(family: str) -> None:
+def test_softmax_layers_are_exact_and_decode_with_a_cache(family: str) -> None:
+    """Layers kept as softmax: all of them reproduce the teacher; some of them decode exactly."""
+    ids, mask = left_padded_batch()
+    teacher = tiny_model(family)
+    everything = converted(family, softmax_layers=(0, 1))
+    assert (everything(ids[:1])[0] - teacher(ids[:1]).logits).abs().max() <= 1e-5
+
+    model = converted(family, "hedgehog", tie_qk=False, softmax_layers=(1,))
+    full, _ = model(ids, mask, form="parallel")
+    logits, state = model(ids[:, :17], mask[:, :17], form="chunked")
+    steps = [logits]
+    for t in range(17, ids.shape[1]):
+        step_logits, state = model.step(ids[:, t], state, mask[:, t])
+        steps.append(step_logits[:, None])
+    assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max() <= TOLERANCE
+    cache = state.layers[1]
+    assert isinstance(cache, KVCacheState) and cache.keys.shape[2] == ids.shape[1]
+    shape = model.attentions[1].shape
+    assert state.bytes_per_token() == 2 * shape.kv_heads * shape.head_dim * 4 + 1
+
+
+def test_softmax_layer_out_of_range_is_refused() -> None:
+    from t2r.errors import UsageError
+
+    with pytest.raises(UsageError, match="the model has 2 layers"):
+        converted("llama", softmax_layers=(2,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+@pytest.mark.parametrize("window", WINDOWS)
+def test_left_padding_is_invisible(family: str, window: int) -> None:
     """The padded row gives the same logits as the same tokens run alone, unpadded."""
-    model = converted(family)
+    model = converted(family, window=window)
     ids, mask = left_padded_batch()
     batch_logits, _ = model(ids, mask)
     alone, _ = model(ids[1:, 13:])
     assert (batch_logits[1, 13:] - alone[0]).abs().max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("window", [0, 64])
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "gpt2"])
 @torch.no_grad()
-def test_state_size_does_not_depend_on_context(family: str) -> None:
-    model = converted(family)
+def test_state_size_does_not_depend_on_context(family: str, window: int) -> None:
+    """Same bytes after 256 and 32,768 tokens (GPT-2's learned positions stop at 1,024)."""
+    model = converted(family, window=window)
     generator = torch.Generator().manual_seed(2)
     sizes = []
-    for length in (256, 4096):
+    for length in (256, 32768):
         _, state = model(torch.randint(3, VOCAB, (1, length), generator=generator))
         _, state = model.step(torch.tensor([5]), state)
         sizes.append(state.nbytes())
-        assert all(layer.kv.shape == state.layers[0].kv.shape for layer in state.layers)
+        assert [t.shape for t in state_tensors(state.layers[0])] == [t.shape for t in state_tensors(state.layers[-1])]
     assert sizes[0] == sizes[1] == model.init_state(1).nbytes()
+    assert state.bytes_per_token() == 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -164,8 +216,8 @@ def test_gradients_flow_to_feature_maps_through_chunked_form() -> None:
     ids, mask = left_padded_batch()
     logits, _ = model(ids, mask, form="chunked")
     logits.logsumexp(-1).mean().backward()
-    weight = model.attentions[0].feature_map_q.weight
-    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    for parameter in (model.attentions[0].feature_map_q.weight, model.attentions[0].window_logit):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
 def test_unsupported_architecture_is_refused() -> None:

@@ -54,11 +54,27 @@ class Adapter:
         """Per-forward positional data for `project` (RoPE cos/sin), or None."""
         return None
 
+    def project_heads(
+        self, attention: nn.Module, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], before positions are applied."""
+        raise NotImplementedError
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply rotary positions to q and k (identity for a family without them)."""
+        return q, k
+
     def project(
         self, attention: nn.Module, hidden: torch.Tensor, rotary: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], positions already applied."""
-        raise NotImplementedError
+        """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], positions applied."""
+        q, k, v = self.project_heads(attention, hidden)
+        q, k = self.apply_rotary(q, k, rotary)
+        return q, k, v
+
+    def softmax_scale(self, attention: nn.Module) -> float:
+        """The teacher's factor on q . k before its softmax."""
+        return float(attention.scaling)
 
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         """[B, T, H * D] -> [B, T, E]: the output projection (and its dropout)."""

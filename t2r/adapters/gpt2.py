@@ -35,7 +35,7 @@ class GPT2Adapter(Adapter):
             raise T2RError(f"GPT-2 has learned positions for {limit} tokens only; this sequence needs more")
         return transformer.drop(transformer.wte(input_ids) + transformer.wpe(positions))
 
-    def project(self, attention: nn.Module, hidden: torch.Tensor, rotary: Any):
+    def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         q, k, v = attention.c_attn(hidden).split(attention.split_size, dim=2)
         shape = (*hidden.shape[:-1], -1, attention.head_dim)
         return tuple(x.view(shape).transpose(1, 2) for x in (q, k, v))

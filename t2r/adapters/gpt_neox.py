@@ -33,14 +33,15 @@ class GPTNeoXAdapter(Adapter):
         # cos/sin cover only the rotary part of each head (rotary_pct); the rest passes through.
         return model.gpt_neox.rotary_emb(hidden, positions)
 
-    def project(self, attention: nn.Module, hidden: torch.Tensor, rotary: Any):
+    def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         # The fused projection is laid out per head: [.., H, 3 * D] -> q, k, v.
         qkv = attention.query_key_value(hidden)
         qkv = qkv.view(*hidden.shape[:-1], -1, 3 * attention.head_size).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
+        return qkv.chunk(3, dim=-1)
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any):
         cos, sin = rotary
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        return apply_rotary_pos_emb(q, k, cos, sin)
 
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         return attention.dense(heads_out)

@@ -33,14 +33,16 @@ class LlamaAdapter(Adapter):
     def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
         return model.model.rotary_emb(hidden, positions)  # (cos, sin), each [B, T, D]
 
-    def project(self, attention: nn.Module, hidden: torch.Tensor, rotary: Any):
+    def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         shape = (*hidden.shape[:-1], -1, attention.head_dim)
         q = attention.q_proj(hidden).view(shape).transpose(1, 2)
         k = attention.k_proj(hidden).view(shape).transpose(1, 2)
         v = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        cos, sin = rotary
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any):
+        cos, sin = rotary
+        return apply_rotary_pos_emb(q, k, cos, sin)
 
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         return attention.o_proj(heads_out)

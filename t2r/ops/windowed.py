@@ -1,0 +1,198 @@
+"""The specification of hybrid attention: exact softmax over a sliding window, linear attention before.
+
+For a query at position t, keys at t-W+1 .. t (the window, the query's own token included) are
+weighted by softmax scores and every older key by linear-attention scores, in one normalised sum
+(LoLCATs, Zhang et al. 2024):
+
+    a_s = exp(q_t . k_s * scale - m_t)        s in the window, m_t = max over the window
+    l_s = phi(q_t) . phi(k_s)                 s older than the window (and the linear state)
+    out_t = (g * sum a_s v_s + (1 - g) * sum l_s v_s) / (g * sum a_s + (1 - g) * sum l_s + eps)
+
+with a learned share g per head. The window counts token slots: a padded slot sits in it but is
+masked, which with left or right padding is the same as "the last W real tokens".
+
+The state (`HybridAttentionState`) holds the last W keys and values, in time order, and the linear
+state of everything older: its size never grows. All forms here and in `windowed_chunked` share
+
+    op(q, k, v, phi_q, linear_keys, valid, initial_state, *, feature_map_k, window_share, scale, eps)
+        -> (out, final_state)
+
+q [B, H, T, D] and k, v [B, G, T, D] are what the softmax sees (positions applied; G kv heads, H a
+multiple of G); phi_q [B, H, T, F] and linear_keys [B, G, T, D] are what the linear part sees;
+feature_map_k maps keys [B, H, S, D] -> [B, H, S, F]; valid [B, T] bool; window_share [H] in (0, 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from t2r.state import HybridAttentionState, LinearAttentionState
+
+FeatureMapFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, G, S, D] -> [B, H, S, D]: query head h reads kv head h // (H / G), as in GQA."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def key_features(
+    linear_keys: torch.Tensor, valid: torch.Tensor, feature_map_k: FeatureMapFn, heads: int
+) -> torch.Tensor:
+    """phi of keys [B, G, S, D] at query heads, fp32, zero where invalid: [B, H, S, F]."""
+    return feature_map_k(repeat_heads(linear_keys, heads)).float() * valid[:, None, :, None]
+
+
+def combine(
+    window_num: torch.Tensor,
+    window_den: torch.Tensor,
+    linear_num: torch.Tensor,
+    linear_den: torch.Tensor,
+    window_share: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Numerators [B, H, ..., D] and denominators [B, H, ...] of both parts -> out [B, H, ..., D]."""
+    g = window_share.float().view(1, -1, *[1] * (window_den.dim() - 2))  # [1, H, 1, ...]
+    numerator = g[..., None] * window_num + (1 - g[..., None]) * linear_num
+    denominator = g * window_den + (1 - g) * linear_den
+    return numerator / (denominator.unsqueeze(-1) + eps)
+
+
+def masked_softmax_weights(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """exp(scores - max over allowed) where allowed, else 0; rows with nothing allowed give 0."""
+    masked = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    peak = masked.amax(-1, keepdim=True).detach()  # the stabiliser is a constant: no gradient needed
+    return torch.where(allowed, (masked - peak).exp(), torch.zeros((), dtype=scores.dtype, device=scores.device))
+
+
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    linear_keys: torch.Tensor,
+    valid: torch.Tensor,
+    initial_state: HybridAttentionState,
+    *,
+    feature_map_k: FeatureMapFn,
+    window_share: torch.Tensor,
+    scale: float,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, HybridAttentionState]:
+    """Parallel (quadratic) form over the window slots of the state followed by the T new tokens.
+
+    Returns out [B, H, T, D] in v's dtype and the final state.
+    """
+    state = initial_state
+    heads, length, window = q.shape[1], q.shape[2], state.window
+    # One sequence of S = W + T slots: the state's window (indices 0..W-1), then the new tokens.
+    keys = torch.cat([state.keys, k.to(state.keys.dtype)], dim=2)
+    values = torch.cat([state.values, v.to(state.values.dtype)], dim=2)
+    all_linear_keys = torch.cat([state.linear_keys, linear_keys.to(state.linear_keys.dtype)], dim=2)
+    all_valid = torch.cat([state.valid, valid.bool()], dim=1)  # [B, S]
+    values_h = repeat_heads(values, heads).float()  # [B, H, S, D]
+    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, heads)  # [B, H, S, F]
+
+    query_slot = torch.arange(length, device=q.device)[:, None] + window  # [T, 1]
+    key_slot = torch.arange(window + length, device=q.device)[None, :]  # [1, S]
+    causal = key_slot <= query_slot
+    in_window = key_slot > query_slot - window
+    key_ok = all_valid[:, None, None, :]  # [B, 1, 1, S]
+
+    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale
+    soft = masked_softmax_weights(scores, causal & in_window & key_ok)  # [B, H, T, S]
+    lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), phi_k) * (causal & ~in_window)
+    out = combine(
+        soft @ values_h,
+        soft.sum(-1),
+        lin @ values_h + torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), state.linear.kv),
+        lin.sum(-1) + torch.einsum("bhtf,bhf->bht", phi_q.float(), state.linear.k_sum),
+        window_share,
+        eps,
+    )
+    # The last W slots stay in the window; the T slots before them leave it for the linear state.
+    leaving = slice(0, length)
+    final_state = HybridAttentionState(
+        linear=LinearAttentionState(
+            kv=state.linear.kv + torch.einsum("bhsf,bhsd->bhfd", phi_k[:, :, leaving], values_h[:, :, leaving]),
+            k_sum=state.linear.k_sum + phi_k[:, :, leaving].sum(2),
+        ),
+        keys=keys[:, :, length:],
+        values=values[:, :, length:],
+        linear_keys=all_linear_keys[:, :, length:],
+        valid=all_valid[:, length:],
+    )
+    return out.to(v.dtype), final_state
+
+
+def windowed_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    linear_keys: torch.Tensor,
+    valid: torch.Tensor,
+    state: HybridAttentionState,
+    *,
+    feature_map_k: FeatureMapFn,
+    window_share: torch.Tensor,
+    scale: float,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, HybridAttentionState]:
+    """One token: q [B, H, D], k, v, linear_keys [B, G, D], phi_q [B, H, F], valid [B].
+
+    The new token pushes the oldest slot out of the window into the linear state (only that one
+    key goes through the feature map), then the query reads both. Returns out [B, H, D], next state.
+    """
+    heads = q.shape[1]
+    leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, heads)[:, :, 0]
+    leaving_value = repeat_heads(state.values[:, :, :1], heads)[:, :, 0].float()  # [B, H, D]
+    linear = LinearAttentionState(
+        kv=state.linear.kv + leaving.unsqueeze(-1) * leaving_value.unsqueeze(-2),
+        k_sum=state.linear.k_sum + leaving,
+    )
+    keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
+    values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
+    window_valid = torch.cat([state.valid[:, 1:], valid.bool()[:, None]], dim=1)  # [B, W]
+    new_linear_keys = linear_keys[:, :, None].to(state.linear_keys.dtype)
+    next_state = HybridAttentionState(
+        linear, keys, values, torch.cat([state.linear_keys[:, :, 1:], new_linear_keys], dim=2), window_valid
+    )
+
+    values_h = repeat_heads(values, heads).float()  # [B, H, W, D]
+    scores = torch.einsum("bhd,bhwd->bhw", q.float(), repeat_heads(keys, heads).float()) * scale
+    soft = masked_softmax_weights(scores, window_valid[:, None, :])  # [B, H, W]
+    qf = phi_q.float()
+    out = combine(
+        torch.einsum("bhw,bhwd->bhd", soft, values_h)[:, :, None],
+        soft.sum(-1)[:, :, None],
+        torch.einsum("bhf,bhfd->bhd", qf, linear.kv)[:, :, None],
+        torch.einsum("bhf,bhf->bh", qf, linear.k_sum)[:, :, None],
+        window_share,
+        eps,
+    )[:, :, 0]
+    return out.to(v.dtype), next_state
+
+
+def recurrent_windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    linear_keys: torch.Tensor,
+    valid: torch.Tensor,
+    initial_state: HybridAttentionState,
+    **kwargs,
+) -> tuple[torch.Tensor, HybridAttentionState]:
+    """The recurrent form over a sequence: `windowed_attention_step` looped over time."""
+    state = initial_state
+    outputs = []
+    for t in range(q.shape[2]):
+        out, state = windowed_attention_step(
+            q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], linear_keys[:, :, t], valid[:, t], state, **kwargs
+        )
+        outputs.append(out)
+    return torch.stack(outputs, dim=2), state
