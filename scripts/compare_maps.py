@@ -48,6 +48,8 @@ def main() -> None:
         data += ["--data", str(SHARED / "books" / name)]
     data += ["--data", str(SHARED / "shakespeare" / "input.txt")]
     common = [
+        "--window",
+        "0",  # the paper's setting: pure linear attention, no softmax window
         "--batch-size",
         "4",
         "--seq-len",

@@ -191,7 +191,13 @@ def build_parser() -> Parser:
 
     evaluate = commands.add_parser("eval", help="perplexity on a text file, optionally fidelity to the teacher")
     evaluate.add_argument("model", help="a converted model folder, or any teacher (alias, .gguf, folder, hub id)")
-    evaluate.add_argument("--data", type=Path, required=True, help="a UTF-8 text file")
+    evaluate.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="a UTF-8 text file; repeat to score several joined into one document",
+    )
     evaluate.add_argument("--max-tokens", type=positive_int, default=None, help="score the first N tokens only")
     evaluate.add_argument("--seq-len", type=positive_int, default=512)
     evaluate.add_argument("--stride", type=positive_int, default=None, help="window step (default: --seq-len)")
@@ -209,6 +215,18 @@ def build_parser() -> Parser:
         default=None,
         help="also report KL(teacher||model) and top-1 agreement (default teacher: the base model)",
     )
+    evaluate.add_argument(
+        "--long",
+        action="store_true",
+        help="score the text as one stream through the recurrent state; perplexity per position bucket",
+    )
+    evaluate.add_argument(
+        "--buckets",
+        type=layer_indices,
+        default=(2048, 8192, 16384),
+        help="--long: bucket edges in tokens (default: 2048,8192,16384; the last bucket runs to the end)",
+    )
+    evaluate.add_argument("--segment", type=positive_int, default=1024, help="--long: tokens per forward pass")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -332,8 +350,11 @@ def run_eval(args: argparse.Namespace) -> None:
     stride = args.stride or args.seq_len
     if stride > args.seq_len:
         raise UsageError(f"--stride {stride} is larger than --seq-len {args.seq_len}: tokens would be skipped")
-    text = read_text(args.data)
+    text = "\n\n".join(read_text(path) for path in args.data)
+    data_name = ",".join(str(path) for path in args.data)
     model, tokenizer = load_model(args.model)
+    if args.long and not isinstance(model, T2RForCausalLM):
+        raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")
     teacher = None
     if args.teacher is not None:
         spec = args.teacher
@@ -348,10 +369,13 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
-        raise UsageError(f"{args.data}: fewer than 2 tokens, nothing to score")
+        raise UsageError(f"{data_name}: fewer than 2 tokens, nothing to score")
+    if args.long:
+        report_long(args, model, ids, teacher, data_name)
+        return
     batch_size = args.batch_size or (16 if args.mode == "recurrent" else 4)
     result = evaluate(model, ids, args.seq_len, stride, args.mode, teacher, batch_size)
-    record = {"model": args.model, "data": str(args.data), **result.to_dict()}
+    record = {"model": args.model, "data": data_name, **result.to_dict()}
     if teacher is not None:
         record["teacher"] = spec
     if args.json:
@@ -364,6 +388,31 @@ def run_eval(args: argparse.Namespace) -> None:
     )
     if teacher is not None:
         print(f"KL(teacher||model) {result.kl:.4f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
+
+
+def report_long(args: argparse.Namespace, model: Any, ids: Any, teacher: Any, data_name: str) -> None:
+    from t2r.long_context import score_long
+
+    result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
+    record = {"model": args.model, "data": data_name, "teacher": args.teacher, **result.to_dict()}
+    if args.json:
+        print(json.dumps(record))
+        return
+    rows = [f"{'positions':<16}{'tokens':>8}{'perplexity':>12}{'teacher':>10}{'KL':>8}{'top-1':>8}"]
+    for bucket in record["buckets"]:
+        teacher_ppl = bucket.get("teacher_perplexity")
+        rows.append(
+            f"{bucket['begin']:>6}-{bucket['end']:<9}{bucket['tokens']:>8}{bucket['perplexity']:>12.3f}"
+            + (f"{teacher_ppl:>10.3f}" if teacher_ppl is not None else f"{'-':>10}")
+            + (f"{bucket['kl']:>8.3f}{bucket['top1_agreement']:>8.3f}" if "kl" in bucket else f"{'-':>8}{'-':>8}")
+        )
+    print("\n".join(rows))
+    beyond = f"; the teacher ran on the first {result.teacher_context:,} tokens (its context)" if teacher else ""
+    print(
+        f"{result.tokens:,} tokens as one stream in segments of {result.segment}; state "
+        f"{result.state_bytes[0]:,} bytes after the first segment, {result.state_bytes[-1]:,} after the last"
+        f"{beyond}; {result.seconds:.0f} s"
+    )
 
 
 def run_train(args: argparse.Namespace) -> None:

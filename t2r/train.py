@@ -233,7 +233,7 @@ class Trainer:
         if checkpoint is not None:
             saved = json.loads((checkpoint / "trainer.json").read_text())
             resumed_stage, resumed_step = saved["stage"], saved["stage_step"]
-        manifest = self.manifest()
+        manifest = json.loads(json.dumps(self.manifest()))  # as saved (tuples become lists)
         manifest_path = self.out / "manifest.json"
         if resume and manifest_path.is_file():
             saved = json.loads(manifest_path.read_text())

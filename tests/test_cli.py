@@ -170,6 +170,23 @@ def test_eval_scores_the_unconverted_teacher(teacher_folder: Path, text_file: Pa
     assert code == 0 and out.startswith("perplexity ")
 
 
+def test_cli_long_joins_files_and_reports_buckets(
+    converted_folder: Path, text_file: Path, tmp_path: Path, capfd
+) -> None:
+    second = tmp_path / "second.txt"
+    second.write_text(text_file.read_text())
+    argv = ["eval", converted_folder, "--data", text_file, "--data", second, "--long", "--buckets", "100,400"]
+    code, out, err = run([*argv, "--segment", 64, "--teacher", "--json"], capfd)
+    assert code == 0, err
+    record = json.loads(out)
+    assert [b["begin"] for b in record["buckets"]] == [1, 100, 400]
+    assert record["buckets"][-1]["end"] == record["tokens"]
+    assert record["state_bytes_first"] == record["state_bytes_last"]
+    assert all(0 <= b["top1_agreement"] <= 1 for b in record["buckets"])
+    code, out, err = run(argv, capfd)
+    assert code == 0 and out.splitlines()[0].split()[:3] == ["positions", "tokens", "perplexity"]
+
+
 # ---------------------------------------------------------------- error cases
 
 

@@ -52,9 +52,7 @@ def run(op, case):
     phi, leaves, valid, window_valid = case
     q, k, v, linear_q, linear_k, kv, k_sum, keys, values, linear_keys, share = leaves
     state = HybridAttentionState(LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid)
-    out, final = op(
-        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE
-    )
+    out, final = op(q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE)
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     loss = (out * weights).sum() + final.linear.kv.mean() + (final.linear.k_sum + 1).log().sum()
     loss = loss + (final.keys * 0.5 + final.values * 0.25 + final.linear_keys).sum()
