@@ -88,6 +88,7 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--softmax-layers",
         type=layer_indices,
+        metavar="I,J,...",
         default=None,
         help="comma-separated layer indices kept as exact softmax attention (their KV cache grows)",
     )
@@ -228,6 +229,24 @@ def build_parser() -> Parser:
     )
     evaluate.add_argument("--segment", type=positive_int, default=1024, help="--long: tokens per forward pass")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = commands.add_parser("bench", help="speed and memory against the teacher (and llama.cpp if installed)")
+    bench.add_argument("model", help="a converted model folder")
+    bench.add_argument("--teacher", default=None, help="the softmax teacher (default: the model's base model)")
+    bench.add_argument(
+        "--contexts", type=layer_indices, default=(256, 1024, 2048, 4096, 8192, 16384, 32768), help="prompt lengths"
+    )
+    bench.add_argument("--batches", type=layer_indices, default=(1, 16), help="decode batch sizes")
+    bench.add_argument("--steps", type=positive_int, default=16, help="decode steps per timed block")
+    bench.add_argument("--repeats", type=positive_int, default=3, help="timed blocks per case (median)")
+    bench.add_argument("--segment", type=positive_int, default=512, help="prefill segment of the converted model")
+    bench.add_argument("--no-bf16", action="store_true", help="skip the bf16-weights row")
+    bench.add_argument("--no-reference-step", action="store_true", help="skip the `model.step` row")
+    bench.add_argument("--data", type=Path, default=None, help="prompt text (default: the built-in corpus)")
+    bench.add_argument("--gguf", type=Path, default=None, help="GGUF for the llama.cpp row (default: the teacher's)")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for bench.json and plots")
+    bench.add_argument("--report", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file to update")
+    bench.add_argument("--no-report", action="store_true", help="do not touch --report")
     return parser
 
 
@@ -272,11 +291,17 @@ def run_convert(args: argparse.Namespace) -> None:
         if "feature_map" in n or "window_logit" in n
     )
     window = f"window {config.window} + " if config.window else ""
-    kept = f", {len(config.softmax_layers)} layers kept softmax" if config.softmax_layers else ""
+    state = model.init_state(1)
+    kept = ""
+    if config.softmax_layers:
+        kept = (
+            f", {len(config.softmax_layers)} kept softmax: their KV cache grows by "
+            f"{state.bytes_per_token():,} bytes per token"
+        )
     print(
         f"converted {args.model} ({teacher.config.model_type}, {len(model.attentions)} layers{kept}) "
         f"to {window}linear attention with {args.feature_map} feature maps ({trained:,} new parameters) "
-        f"-> {args.out}",
+        f"-> {args.out}; state {state.nbytes() / 2**20:.2f} MiB per sequence",
         file=sys.stderr,
     )
 
@@ -320,10 +345,15 @@ def run_generate(args: argparse.Namespace) -> None:
     )
     streamer.end()
     rate = (len(result.new_tokens) - 1) / result.decode_seconds if len(result.new_tokens) > 1 else 0.0
+    growth = (
+        f" (+{result.bytes_per_token:,} bytes per token: KV cache of the softmax layers)"
+        if result.bytes_per_token
+        else ", constant"
+    )
     print(
         f"[{len(result.new_tokens)} new tokens after a {result.prompt_tokens}-token prompt; "
         f"prefill {result.prefill_seconds:.2f} s; decode {rate:.1f} tokens/s; "
-        f"state {result.state_bytes / 2**20:.2f} MiB; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
+        f"state {result.state_bytes / 2**20:.2f} MiB{growth}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
         file=sys.stderr,
     )
 
@@ -498,7 +528,54 @@ def summary_table(summary: dict[str, Any], teacher: str, model: Path) -> str:
     return "\n".join(rows)
 
 
-COMMANDS = {"convert": run_convert, "train": run_train, "generate": run_generate, "eval": run_eval}
+def run_bench(args: argparse.Namespace) -> None:
+    from t2r import hub
+    from t2r.bench import BenchSettings, bench_prompt_ids, run_bench
+    from t2r.bench_report import write
+    from t2r.convert import load_model
+    from t2r.model import T2RForCausalLM
+    from t2r.textfile import read_text
+
+    if 0 in args.contexts or 0 in args.batches:
+        raise UsageError("--contexts and --batches must be positive")
+    text = read_text(args.data) if args.data is not None else None
+    model, tokenizer = load_model(args.model)
+    if not isinstance(model, T2RForCausalLM):
+        raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
+    spec = args.teacher or model.config.base_model
+    if spec is None:
+        raise UsageError("--teacher is needed: this model records no base model")
+    teacher, _ = load_model(spec)
+    gguf = str(args.gguf) if args.gguf else None
+    if gguf is None and hub.resolve(spec).kind == "gguf":
+        gguf = hub.resolve(spec).name
+    settings = BenchSettings(
+        contexts=tuple(sorted(args.contexts)),
+        batches=tuple(sorted(args.batches)),
+        steps=args.steps,
+        repeats=args.repeats,
+        segment=args.segment,
+        bf16=not args.no_bf16,
+        reference_step=not args.no_reference_step,
+    )
+    prompt_ids = bench_prompt_ids(tokenizer, text, max(settings.contexts))
+    record = run_bench(model, teacher, prompt_ids, settings, gguf, log=lambda line: print(line, file=sys.stderr))
+    command = "t2r bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "t2r bench"
+    report = None if args.no_report else args.report
+    for row in write(record, args.out, report, command):
+        value = "-" if row["value"] is None else f"{row['value']:.2f}"
+        met = {True: "met", False: "NOT met", None: "not measured"}[row["met"]]
+        sign = "<=" if row["at_most"] else ">="
+        print(f"{row['bar']:<42} {value:>7}  ({sign} {row['target']}: {met}) {row['note']}")
+
+
+COMMANDS = {
+    "convert": run_convert,
+    "train": run_train,
+    "generate": run_generate,
+    "eval": run_eval,
+    "bench": run_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Recurrent decoding: prefill the prompt through the chunked form, then one token at a time.
 
-Memory is the model plus a state of fixed size: nothing grows with the number of tokens.
+Memory is the model plus a state of fixed size: nothing grows with the number of tokens (except the
+KV cache of layers kept as softmax attention, reported per token).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     state_bytes: int = 0
+    bytes_per_token: int = 0  # > 0 only with layers kept as softmax attention (their KV cache grows)
 
 
 def _chooser(sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -72,7 +74,7 @@ def generate(
     choose = _chooser(sampling)
     result = GenerationResult(prompt_tokens=len(prompt_ids))
     start = time.perf_counter()
-    logits, state = model(prompt_ids[None], form="chunked")
+    logits, state = model(prompt_ids[None], form="chunked", logits_to_keep=1)
     logits = logits[:, -1]
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -86,4 +88,5 @@ def generate(
             logits, state = model.step(token, state)
     result.decode_seconds = time.perf_counter() - start
     result.state_bytes = state.nbytes()
+    result.bytes_per_token = state.bytes_per_token()
     return result

@@ -50,10 +50,12 @@ class T2RForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: ModelState | None = None,
         form: str = "chunked",
+        logits_to_keep: int = 0,
     ) -> tuple[torch.Tensor, ModelState]:
         """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; left or right padding).
 
-        Returns logits [B, T, V] and the state after these tokens. `form` picks the attention
+        Returns logits [B, T, V] (only the last `logits_to_keep` positions when > 0: a long prefill
+        needs one row, not T x V) and the state after these tokens. `form` picks the attention
         computation (parallel / chunked / recurrent); all give the same result.
         """
         batch, _ = input_ids.shape
@@ -75,6 +77,8 @@ class T2RForCausalLM(nn.Module):
                 return out
 
             hidden = self.adapter.block(layer, hidden, attend)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.adapter.head(self.base, hidden)
         return logits, ModelState(tuple(next_layers), state.seen + mask.sum(1))
 

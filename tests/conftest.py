@@ -107,3 +107,19 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Never touch the user's cache, never reach for the network."""
     monkeypatch.setenv("T2R_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "t2r-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(TRAINING_TEXT * 12))
+    return path
+
+
+@pytest.fixture(scope="session")
+def converted_folder(teacher_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "model"
+    from t2r.cli import main
+
+    assert main(["convert", "--model", str(teacher_folder), "--feature-map", "t2r", "--out", str(out)]) == 0
+    return out

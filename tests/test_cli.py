@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from t2r.cli import main
-from tests.conftest import TRAINING_TEXT, save_teacher
+from tests.conftest import save_teacher
 
 
 def run(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -22,20 +22,6 @@ def run(argv: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, s
         code = int(exit_.code or 0)
     out, err = capfd.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n".join(TRAINING_TEXT * 12))
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted_folder(teacher_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("converted") / "model"
-    assert main(["convert", "--model", str(teacher_folder), "--feature-map", "t2r", "--out", str(out)]) == 0
-    return out
 
 
 def only_line(err: str) -> str:
@@ -52,6 +38,25 @@ def test_convert_writes_a_loadable_folder(converted_folder: Path) -> None:
     assert config["base_config"]["model_type"] == "llama"
     assert (converted_folder / "model.safetensors").is_file()
     assert not [p for p in converted_folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_convert_attention_flags_and_their_memory_report(teacher_folder: Path, tmp_path: Path, capfd) -> None:
+    """--window and --softmax-layers reach the saved config; generate reports what kept layers cost."""
+    code, _, err = run(["convert", "--model", teacher_folder, "--out", tmp_path / "hybrid"], capfd)
+    assert code == 0, err
+    config = json.loads((tmp_path / "hybrid" / "config.json").read_text())["t2r"]
+    assert config["window"] == 64 and config["rotary_features"] is False and config["softmax_layers"] == []
+    assert "window 64 + linear attention" in err
+
+    argv = ["convert", "--model", teacher_folder, "--window", "0", "--softmax-layers", "1", "--out", tmp_path / "m"]
+    code, _, err = run(argv, capfd)
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())["t2r"]
+    assert config["window"] == 0 and config["rotary_features"] is True and config["softmax_layers"] == [1]
+    assert "1 kept softmax: their KV cache grows by 257 bytes per token" in err  # 2 x 2 heads x 16 x 4 + 1
+    code, _, err = run(["generate", tmp_path / "m", "--prompt", "The", "--max-new-tokens", 4, "--greedy"], capfd)
+    assert code == 0, err
+    assert "(+257 bytes per token: KV cache of the softmax layers)" in err
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "rfa", "hedgehog"])
@@ -248,6 +253,14 @@ ERROR_CASES = {
     "stride above seq len": (["eval", "{converted}", "--data", "{text}", "--stride", "600"], 2, "stride"),
     "output exists": (["convert", "--model", "{teacher}", "--out", "{converted}"], 2, "already exists"),
     "generate on a teacher": (["generate", "{teacher}", "--prompt", "x"], 2, "not a converted model"),
+    "softmax layer out of range": (
+        ["convert", "--model", "{teacher}", "--softmax-layers", "0,7", "--out", "{out}"],
+        2,
+        "has 2 layers",
+    ),
+    "softmax layers not indices": (["convert", "--softmax-layers", "first", "--out", "{out}"], 2, "layer indices"),
+    "negative window": (["convert", "--window", "-1", "--out", "{out}"], 2, "window"),
+    "long eval of a teacher": (["eval", "{teacher}", "--data", "{text}", "--long"], 2, "--long scores a converted"),
     "offline hub id": (["convert", "--model", "nobody/no-such-model", "--out", "{out}"], 1, "Hub"),
 }
 

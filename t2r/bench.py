@@ -1,0 +1,364 @@
+"""`t2r bench`: speed and memory of a converted model against its teacher, in one process.
+
+For each context length the same prompt (a prefix of one text) is prefilled, then decoded greedily:
+- the teacher through transformers with its KV cache and default attention (up to its context);
+- the converted model: prefill through the chunked form in segments (activations bounded by the
+  segment, so memory does not grow with the prompt), then decoding through `model.step` (the
+  reference recurrent step) and through `fast_step` (in place; fp32 weights, and optionally bf16);
+- llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed.
+Batch 16 decodes 16 copies of the prefilled cache / state at once (prefill is timed at batch 1).
+Decode speed is the median over repeats of timed blocks after warm-up steps; peak memory is the
+process's peak resident set during the case (freed memory is returned to the system before each).
+The memory-bandwidth bound: the machine's measured read bandwidth divided by the bytes of weights
+one decode step must read.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from t2r.fast_decode import FastState, fast_step
+from t2r.model import T2RForCausalLM
+from t2r.state import ModelState
+
+
+@dataclass
+class Case:
+    """One measured configuration."""
+
+    engine: str
+    context: int
+    batch: int
+    prefill_tokens_per_s: float | None
+    decode_tokens_per_s: float
+    peak_rss_bytes: int
+    state_bytes_per_sequence: int  # recurrent state, or KV cache at this context
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc), so that the next
+    case's peak RSS is its own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+@contextmanager
+def peak_rss(interval: float = 0.002) -> Iterator[Callable[[], int]]:
+    """Samples the resident set in a thread; yields a function that returns the peak so far."""
+    release_memory()
+    peak = [rss_bytes()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        done.set()
+        thread.join()
+        peak[0] = max(peak[0], rss_bytes())
+
+
+def memory_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums over a buffer far larger than any cache."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    buffer.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.nbytes / best
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, except an input
+    embedding table that is not also the output head (a step reads one row of it)."""
+    seen, total = set(), 0
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = None
+    if embeddings is not None and (head is None or head.weight.data_ptr() != embeddings.weight.data_ptr()):
+        skip = embeddings.weight.data_ptr()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        pointer = tensor.data_ptr()
+        if pointer in seen or pointer == skip:
+            continue
+        seen.add(pointer)
+        total += tensor.nbytes
+    return total
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def decode_rate(step: Callable[[], None], batch: int, steps: int, repeats: int, warmup: int = 2) -> float:
+    """Tokens/s (all rows counted): the median over `repeats` blocks of `steps` steps."""
+    for _ in range(warmup):
+        step()
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(batch * steps / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def teacher_stepper(teacher: nn.Module, cache: Any, token: torch.Tensor) -> Callable[[], None]:
+    """A decode step of the teacher with its KV cache (which grows by one position per step)."""
+    current = {"token": token[:, None]}
+
+    def step() -> None:
+        result = teacher(input_ids=current["token"], cache=cache, use_cache=True)
+        current["token"] = result.logits[:, -1].argmax(-1)[:, None]
+
+    return step
+
+
+@torch.no_grad()
+def teacher_cases(teacher: nn.Module, prompt: torch.Tensor, batches: list[int], steps: int, repeats: int) -> list[Case]:
+    """Prefill prompt [T] once at batch 1 (timed), then decode each batch size from copies of the cache."""
+    import copy
+
+    cases = []
+    with peak_rss() as peak:
+        start = time.perf_counter()
+        out = teacher(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
+        prefill = len(prompt) / (time.perf_counter() - start)
+        prefill_peak = peak()
+    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
+    first = out.logits[:, -1].argmax(-1)
+    for batch in batches:
+        with peak_rss() as peak:
+            cache = copy.deepcopy(out.cache)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
+            step = teacher_stepper(teacher, cache, first.repeat(batch))
+            rate = decode_rate(step, batch, steps, repeats)
+            del step, cache
+            case_peak = max(peak(), prefill_peak)
+        cases.append(Case("teacher", len(prompt), batch, prefill if batch == 1 else None, rate, case_peak, cache_bytes))
+    return cases
+
+
+@torch.no_grad()
+def prefill_converted(model: T2RForCausalLM, prompt: torch.Tensor, segment: int) -> tuple[torch.Tensor, ModelState]:
+    """Chunked prefill of prompt [T] in segments that carry the state; the last logits [1, V]."""
+    state = model.init_state(1)
+    logits = None
+    for begin in range(0, len(prompt), segment):
+        logits, state = model(prompt[None, begin : begin + segment], state=state, form="chunked", logits_to_keep=1)
+    return logits[:, -1], state
+
+
+def reference_stepper(model: T2RForCausalLM, state: ModelState, token: torch.Tensor) -> Callable[[], None]:
+    """A decode step through `model.step` (a new state object every token)."""
+    current = {"state": state, "token": token}
+
+    def step() -> None:
+        logits, current["state"] = model.step(current["token"], current["state"])
+        current["token"] = logits.argmax(-1)
+
+    return step
+
+
+def fast_stepper(model: T2RForCausalLM, state: ModelState, token: torch.Tensor) -> Callable[[], None]:
+    """A decode step through `fast_step` (state updated in place)."""
+    fast_state = FastState.from_model_state(state)
+    current = {"token": token}
+
+    def step() -> None:
+        current["token"] = fast_step(model, current["token"], fast_state).argmax(-1)
+
+    return step
+
+
+@torch.no_grad()
+def converted_cases(
+    model: T2RForCausalLM,
+    engines: dict[str, Callable[..., Callable[[], None]]],
+    prompt: torch.Tensor,
+    batches: list[int],
+    steps: int,
+    repeats: int,
+    segment: int,
+) -> list[Case]:
+    """Prefill once at batch 1 (timed), then decode each batch size with each named stepper."""
+    with peak_rss() as peak:
+        start = time.perf_counter()
+        logits, state = prefill_converted(model, prompt, segment)
+        prefill = len(prompt) / (time.perf_counter() - start)
+        prefill_peak = peak()
+    state_bytes = state.nbytes()
+    cases = []
+    for name, make_stepper in engines.items():
+        for batch in batches:
+            with peak_rss() as peak:
+                rows = torch.zeros(batch, dtype=torch.long)
+                step = make_stepper(model, state.select(rows), logits.argmax(-1).repeat(batch))
+                rate = decode_rate(step, batch, steps, repeats)
+                del step
+                case_peak = max(peak(), prefill_peak)
+            cases.append(Case(name, len(prompt), batch, prefill if batch == 1 else None, rate, case_peak, state_bytes))
+    return cases
+
+
+def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple[float, float, int]:
+    """llama.cpp (llama-cpp-python) on the GGUF: prefill tok/s, decode tok/s, peak RSS; batch 1."""
+    from llama_cpp import Llama
+
+    with peak_rss() as peak:
+        llm = Llama(model_path=gguf, n_ctx=len(prompt) + 64, n_threads=threads, n_batch=512, verbose=False)
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill = len(prompt) / (time.perf_counter() - start)
+        token = [int(llm.scores[llm.n_tokens - 1].argmax())]
+
+        def step() -> None:
+            llm.eval(token)
+            token[0] = int(llm.scores[llm.n_tokens - 1].argmax())
+
+        rate = decode_rate(step, 1, steps, repeats)
+        llm.close()
+    return prefill, rate, peak()
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+# ---------------------------------------------------------------------- the whole bench
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    contexts: tuple[int, ...] = (256, 1024, 2048, 4096, 8192, 16384, 32768)
+    batches: tuple[int, ...] = (1, 16)
+    steps: int = 16  # decode steps per timed block
+    repeats: int = 3  # timed blocks (median)
+    segment: int = 512  # prefill segment of the converted model
+    bf16: bool = True  # also the fast path with bf16 weights (fp32 state)
+    reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
+
+
+def bench_prompt_ids(tokenizer: Any, text: str | None, length: int) -> torch.Tensor:
+    """`length` token ids of `text`, or of the built-in corpus (State of the Union addresses)."""
+    if text is None:
+        from t2r.corpus import state_of_the_union
+
+        text = "\n\n".join(state_of_the_union().documents)
+    ids = tokenizer(text[: length * 12], add_special_tokens=False).input_ids
+    if len(ids) < length:
+        from t2r.errors import UsageError
+
+        raise UsageError(f"the bench text has {len(ids):,} tokens; the longest context needs {length:,}")
+    return torch.tensor(ids[:length], dtype=torch.long)
+
+
+def run_bench(
+    model: T2RForCausalLM,
+    teacher: nn.Module,
+    prompt_ids: torch.Tensor,
+    settings: BenchSettings,
+    gguf: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every case of the bench; returns the JSON-ready record (machine, cases, bounds)."""
+    import copy
+    import platform
+
+    teacher_limit = getattr(teacher.config, "max_position_embeddings", None) or max(settings.contexts)
+    threads = torch.get_num_threads()
+    bandwidth = memory_bandwidth()
+    log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {threads} threads")
+    engines: dict[str, Callable[..., Callable[[], None]]] = {"converted (fast)": fast_stepper}
+    variants: list[tuple[str, T2RForCausalLM, dict[str, Callable[..., Callable[[], None]]]]] = [
+        ("fp32", model, engines)
+    ]
+    if settings.reference_step:
+        variants.append(("fp32", model, {"converted (step)": reference_stepper}))
+    if settings.bf16:
+        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+        variants.append(("bf16", bf16_model, {"converted (fast, bf16)": fast_stepper}))
+    weights = {
+        "teacher": weight_bytes_per_token(teacher),
+        "converted (fast)": weight_bytes_per_token(model.base),
+        "converted (step)": weight_bytes_per_token(model.base),
+    }
+    if settings.bf16:
+        weights["converted (fast, bf16)"] = weight_bytes_per_token(bf16_model.base)
+    cases: list[Case] = []
+    for context in settings.contexts:
+        prompt = prompt_ids[:context]
+        for _, variant, variant_engines in variants:
+            batches = [1] if "converted (step)" in variant_engines else list(settings.batches)
+            found = converted_cases(variant, variant_engines, prompt, batches, settings.steps, settings.repeats,
+                                    settings.segment)  # fmt: skip
+            for case in found:
+                log(describe(case))
+            cases += found
+        if context <= teacher_limit:
+            found = teacher_cases(teacher, prompt, list(settings.batches), settings.steps, settings.repeats)
+            for case in found:
+                log(describe(case))
+            cases += found
+        if gguf is not None and llama_cpp_available() and context <= teacher_limit:
+            prefill, rate, peak = llama_cpp_case(gguf, prompt.tolist(), settings.steps, settings.repeats, threads)
+            case = Case("llama.cpp", context, 1, prefill, rate, peak, 0)
+            log(describe(case))
+            cases.append(case)
+    return {
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "threads": threads,
+            "torch": torch.__version__,
+            "memory_read_bandwidth_bytes_per_s": bandwidth,
+        },
+        "settings": asdict(settings),
+        "teacher_context": teacher_limit,
+        "weight_bytes_per_token": weights,
+        "llama_cpp": "measured" if gguf is not None and llama_cpp_available() else "not installed",
+        "cases": [case.to_dict() for case in cases],
+    }
+
+
+def describe(case: Case) -> str:
+    prefill = f"prefill {case.prefill_tokens_per_s:8.1f} tok/s; " if case.prefill_tokens_per_s else ""
+    return (
+        f"{case.engine:<24} context {case.context:>6} batch {case.batch:>2}: {prefill}"
+        f"decode {case.decode_tokens_per_s:7.1f} tok/s; peak RSS {case.peak_rss_bytes / 2**20:7.0f} MiB; "
+        f"state/cache {case.state_bytes_per_sequence / 2**20:7.2f} MiB per sequence"
+    )

@@ -1,0 +1,220 @@
+"""The decode path built for speed: one token through every layer, state updated in place.
+
+`model.step` (the reference) builds a new state every token: it concatenates the window, copies
+the linear state and walks the reference step. Here the state is allocated once and written in
+place: the window is a ring buffer (one slot overwritten per token, a pointer shared by the batch),
+the linear state takes a rank-1 update (`addcmul_`), and GQA reads key/value heads through a view
+instead of repeating them. Layers kept as softmax attention fall back to their module (their cache
+grows anyway). Every function here is tested against `model.step`: logits and state.
+
+    state = FastState.from_model_state(prefill_state)   # after a chunked prefill
+    logits = fast_step(model, ids, state)               # state is updated in place and returned
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from t2r.attention import LinearAttention, SoftmaxAttention
+from t2r.model import T2RForCausalLM
+from t2r.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState
+
+
+@dataclass
+class RingWindow:
+    """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
+
+    kv [B, H, F, D], k_sum [B, H, F] fp32; keys, values, linear_keys [B, G, W, D]; valid [B, W].
+    Slot order is a ring: `FastState.next_slot` is the oldest slot, the next to be overwritten.
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    linear_keys: torch.Tensor
+    valid: torch.Tensor
+
+
+LayerFastState = RingWindow | LinearAttentionState | KVCacheState
+
+
+@dataclass
+class FastState:
+    """The whole model's decode state; mutable, updated in place by `fast_step`.
+
+    layers: per layer a RingWindow (hybrid), a LinearAttentionState whose tensors are updated in
+        place (pure linear), or a KVCacheState (a softmax layer; replaced every step).
+    seen [B]: tokens seen per sequence (the next position); next_slot: the ring pointer, the same
+        for every row (every row advances one token per step).
+    """
+
+    layers: list[LayerFastState]
+    seen: torch.Tensor
+    next_slot: int = 0
+
+    @classmethod
+    def from_model_state(cls, state: ModelState) -> FastState:
+        """Copy a ModelState (time-ordered windows, oldest first: the ring starts at slot 0)."""
+        layers: list[LayerFastState] = []
+        for layer in state.layers:
+            if isinstance(layer, HybridAttentionState):
+                layers.append(
+                    RingWindow(
+                        layer.linear.kv.clone(),
+                        layer.linear.k_sum.clone(),
+                        layer.keys.clone(),
+                        layer.values.clone(),
+                        layer.linear_keys.clone(),
+                        layer.valid.clone(),
+                    )
+                )
+            elif isinstance(layer, LinearAttentionState):
+                layers.append(LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()))
+            else:
+                layers.append(layer)
+        return cls(layers, state.seen.clone())
+
+    def to_model_state(self) -> ModelState:
+        """The equivalent ModelState (windows rolled back into time order)."""
+        layers = []
+        for layer in self.layers:
+            if isinstance(layer, RingWindow):
+
+                def ordered(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+                    return torch.roll(x, -self.next_slot, dims=dim)
+
+                layers.append(
+                    HybridAttentionState(
+                        LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()),
+                        ordered(layer.keys),
+                        ordered(layer.values),
+                        ordered(layer.linear_keys),
+                        ordered(layer.valid, 1),
+                    )
+                )
+            elif isinstance(layer, LinearAttentionState):
+                layers.append(LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()))
+            else:
+                layers.append(layer)
+        return ModelState(tuple(layers), self.seen.clone())
+
+    def nbytes(self) -> int:
+        return self.to_model_state().nbytes()
+
+    def select(self, index: torch.Tensor) -> FastState:
+        """Keep the rows in `index` (sequences that finished leave the batch)."""
+        layers: list[LayerFastState] = []
+        for layer in self.layers:
+            if isinstance(layer, RingWindow):
+                layers.append(RingWindow(*(getattr(layer, f)[index] for f in RingWindow.__dataclass_fields__)))
+            else:
+                layers.append(layer.select(index))
+        return FastState(layers, self.seen[index], self.next_slot)
+
+
+def _linear_step(
+    attention: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearAttentionState
+) -> torch.Tensor:
+    """Pure linear layer, one token: q [B, H, D], k, v [B, G, D]; kv and k_sum updated in place."""
+    groups = q.shape[1] // k.shape[1]
+    phi_q = attention.feature_map_q(q[:, :, None])[:, :, 0].float()  # [B, H, F]
+    k_heads = k.repeat_interleave(groups, 1) if groups > 1 else k
+    phi_k = attention.key_map()(k_heads[:, :, None])[:, :, 0].float()
+    v_heads = (v.repeat_interleave(groups, 1) if groups > 1 else v).float()
+    state.kv.addcmul_(phi_k.unsqueeze(-1), v_heads.unsqueeze(-2))
+    state.k_sum.add_(phi_k)
+    numerator = torch.matmul(phi_q.unsqueeze(-2), state.kv).squeeze(-2)  # [B, H, D]
+    denominator = (phi_q * state.k_sum).sum(-1, keepdim=True)
+    return (numerator / (denominator + attention.eps)).to(v.dtype)
+
+
+def _hybrid_step(
+    attention: LinearAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_features: torch.Tensor,
+    k_features: torch.Tensor,
+    ring: RingWindow,
+    slot: int,
+) -> torch.Tensor:
+    """Hybrid layer, one token: q, q_features [B, H, D]; k, v, k_features [B, G, D].
+
+    The oldest slot's key leaves the window into the linear state, the new key takes its slot.
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    # 1. Evict: phi(oldest linear key) (x) its value into the linear state (only valid slots).
+    leaving_key = ring.linear_keys[:, :, slot]  # [B, G, D]
+    leaving_key = leaving_key.repeat_interleave(groups, 1) if groups > 1 else leaving_key
+    phi_leaving = attention.key_map()(leaving_key[:, :, None])[:, :, 0].float()  # [B, H, F]
+    phi_leaving = phi_leaving * ring.valid[:, slot, None, None]
+    leaving_value = ring.values[:, :, slot].float()
+    leaving_value = leaving_value.repeat_interleave(groups, 1) if groups > 1 else leaving_value
+    ring.kv.addcmul_(phi_leaving.unsqueeze(-1), leaving_value.unsqueeze(-2))
+    ring.k_sum.add_(phi_leaving)
+    # 2. The new token takes the slot.
+    ring.keys[:, :, slot] = k
+    ring.values[:, :, slot] = v
+    ring.linear_keys[:, :, slot] = k_features
+    ring.valid[:, slot] = True
+    # 3. Softmax over the window: query heads grouped by their key/value head, no repeat.
+    scale = attention.adapter.softmax_scale(attention.projections)
+    q_grouped = q.float().view(batch, kv_heads, groups, head_dim)
+    scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale  # [B, G, groups, W]
+    scores = scores.masked_fill(~ring.valid[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = (scores - scores.amax(-1, keepdim=True)).exp() * ring.valid[:, None, None, :]
+    window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
+    window_den = weights.sum(-1).view(batch, heads)
+    # 4. Linear part from the state (the evicted key included).
+    phi_q = attention.feature_map_q(q_features[:, :, None])[:, :, 0].float()  # [B, H, F]
+    linear_num = torch.matmul(phi_q.unsqueeze(-2), ring.kv).squeeze(-2)
+    linear_den = (phi_q * ring.k_sum).sum(-1)
+    share = torch.sigmoid(attention.window_logit.float())[None, :]  # [1, H]
+    numerator = share[..., None] * window_num + (1 - share[..., None]) * linear_num
+    denominator = share * window_den + (1 - share) * linear_den
+    return (numerator / (denominator.unsqueeze(-1) + attention.eps)).to(v.dtype)
+
+
+@torch.no_grad()
+def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
+    """One decode step for every row: input_ids [B] -> logits [B, V]; `state` advances in place."""
+    adapter = model.adapter
+    positions = state.seen[:, None]  # [B, 1]
+    hidden = adapter.embed(model.base, input_ids[:, None], positions)  # [B, 1, E]
+    rotary = adapter.rotary(model.base, hidden, positions)
+    mask = torch.ones_like(positions)
+    slot = state.next_slot
+    window = 0
+    for index, layer in enumerate(adapter.layers(model.base)):
+        attention = adapter.attention(layer)
+        layer_state = state.layers[index]
+
+        def attend(x: torch.Tensor, attention: Any = attention, layer_state: Any = layer_state, index: int = index):
+            if isinstance(attention, SoftmaxAttention):
+                out, state.layers[index] = attention(x, rotary, mask, layer_state, "recurrent")
+                return out
+            q_raw, k_raw, v = adapter.project_heads(attention.projections, x)  # [B, H|G, 1, D]
+            q, k = adapter.apply_rotary(q_raw, k_raw, rotary)
+            q_features, k_features = (q, k) if attention.rotary_features else (q_raw, k_raw)
+            if isinstance(layer_state, RingWindow):
+                heads_out = _hybrid_step(
+                    attention, q[:, :, 0], k[:, :, 0], v[:, :, 0], q_features[:, :, 0], k_features[:, :, 0],
+                    layer_state, slot,
+                )  # fmt: skip
+            else:
+                heads_out = _linear_step(attention, q_features[:, :, 0], k_features[:, :, 0], v[:, :, 0], layer_state)
+            return adapter.output(attention.projections, heads_out.reshape(x.shape[0], 1, -1))
+
+        hidden = adapter.block(layer, hidden, attend)
+        if isinstance(layer_state, RingWindow):
+            window = layer_state.keys.shape[2]
+    state.seen += 1
+    if window:
+        state.next_slot = (slot + 1) % window
+    return adapter.head(model.base, hidden)[:, 0]

@@ -1,0 +1,49 @@
+"""`t2r bench` on tiny models: every engine and case measured, bars computed, files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from t2r.bench import memory_bandwidth, peak_rss, weight_bytes_per_token
+from tests.conftest import tiny_model
+from tests.test_cli import run
+
+
+def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: Path, tmp_path: Path, capfd) -> None:
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\nkept text\n")
+    argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]
+    argv += ["--data", text_file, "--out", tmp_path / "out", "--report", report]
+    code, out, err = run(argv, capfd)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "bench.json").read_text())
+    engines = {(c["engine"], c["context"], c["batch"]) for c in record["cases"]}
+    for context in (16, 64):
+        for batch in (1, 2):
+            for engine in ("teacher", "converted (fast)", "converted (fast, bf16)"):
+                assert (engine, context, batch) in engines
+        assert ("converted (step)", context, 1) in engines
+    assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
+    teacher_cache = [c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "teacher"]
+    assert teacher_cache[0] < teacher_cache[-1]  # the KV cache grows with the context
+    ours = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "converted (fast)"}
+    assert len(ours) == 1  # the recurrent state does not
+    assert {row["bar"] for row in record["bars"]} >= {"decode at 8k / teacher's", "peak memory at 32k / at 256"}
+    assert (tmp_path / "out" / "bench_decode.png").stat().st_size > 0
+    text = report.read_text()
+    assert "kept text" in text and "<!-- bench:start -->" in text and "| teacher: decode tok/s |" in text
+    assert "decode at 8k / teacher's" in out
+
+
+def test_measurement_helpers() -> None:
+    assert memory_bandwidth(megabytes=64, repeats=2) > 1e8  # bytes/s: any machine reads 100 MB/s
+    model = tiny_model("llama")  # ties its embedding to the head: counted once
+    everything = [*model.parameters(), *model.buffers()]
+    assert weight_bytes_per_token(model) == sum(t.nbytes for t in everything)
+    with peak_rss() as peak:
+        block = torch.ones(64 * 2**20 // 4)
+        block += 1
+    assert peak() >= block.nbytes
