@@ -68,7 +68,7 @@ def release_memory() -> None:
 
 
 @contextmanager
-def peak_rss(interval: float = 0.002) -> Iterator[Callable[[], int]]:
+def peak_rss(interval: float = 0.02) -> Iterator[Callable[[], int]]:
     """Samples the resident set in a thread; yields a function that returns the peak so far."""
     release_memory()
     peak = [rss_bytes()]
@@ -207,14 +207,13 @@ def fast_stepper(model: T2RForCausalLM, state: ModelState, token: torch.Tensor) 
 @torch.no_grad()
 def converted_cases(
     model: T2RForCausalLM,
-    engines: dict[str, Callable[..., Callable[[], None]]],
+    engines: dict[str, tuple[Callable[..., Callable[[], None]], tuple[int, ...]]],
     prompt: torch.Tensor,
-    batches: list[int],
     steps: int,
     repeats: int,
     segment: int,
 ) -> list[Case]:
-    """Prefill once at batch 1 (timed), then decode each batch size with each named stepper."""
+    """Prefill once at batch 1 (timed), then decode with each named (stepper, batch sizes)."""
     with peak_rss() as peak:
         start = time.perf_counter()
         logits, state = prefill_converted(model, prompt, segment)
@@ -222,7 +221,7 @@ def converted_cases(
         prefill_peak = peak()
     state_bytes = state.nbytes()
     cases = []
-    for name, make_stepper in engines.items():
+    for name, (make_stepper, batches) in engines.items():
         for batch in batches:
             with peak_rss() as peak:
                 rows = torch.zeros(batch, dtype=torch.long)
@@ -304,15 +303,14 @@ def run_bench(
     threads = torch.get_num_threads()
     bandwidth = memory_bandwidth()
     log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {threads} threads")
-    engines: dict[str, Callable[..., Callable[[], None]]] = {"converted (fast)": fast_stepper}
-    variants: list[tuple[str, T2RForCausalLM, dict[str, Callable[..., Callable[[], None]]]]] = [
-        ("fp32", model, engines)
-    ]
+    batches = tuple(settings.batches)
+    fp32_engines = {"converted (fast)": (fast_stepper, batches)}
     if settings.reference_step:
-        variants.append(("fp32", model, {"converted (step)": reference_stepper}))
+        fp32_engines["converted (step)"] = (reference_stepper, (1,))  # the reference, batch 1 only
+    variants = [(model, fp32_engines)]
     if settings.bf16:
         bf16_model = copy.deepcopy(model).to(torch.bfloat16)
-        variants.append(("bf16", bf16_model, {"converted (fast, bf16)": fast_stepper}))
+        variants.append((bf16_model, {"converted (fast, bf16)": (fast_stepper, batches)}))
     weights = {
         "teacher": weight_bytes_per_token(teacher),
         "converted (fast)": weight_bytes_per_token(model.base),
@@ -323,10 +321,8 @@ def run_bench(
     cases: list[Case] = []
     for context in settings.contexts:
         prompt = prompt_ids[:context]
-        for _, variant, variant_engines in variants:
-            batches = [1] if "converted (step)" in variant_engines else list(settings.batches)
-            found = converted_cases(variant, variant_engines, prompt, batches, settings.steps, settings.repeats,
-                                    settings.segment)  # fmt: skip
+        for variant, engines in variants:
+            found = converted_cases(variant, engines, prompt, settings.steps, settings.repeats, settings.segment)
             for case in found:
                 log(describe(case))
             cases += found

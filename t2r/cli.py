@@ -538,6 +538,10 @@ def run_bench(args: argparse.Namespace) -> None:
 
     if 0 in args.contexts or 0 in args.batches:
         raise UsageError("--contexts and --batches must be positive")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("t2r bench draws its plots with matplotlib: pip install 't2r[bench]'")
     text = read_text(args.data) if args.data is not None else None
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
