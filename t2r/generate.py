@@ -1,4 +1,5 @@
-"""Recurrent decoding: prefill the prompt through the chunked form, then one token at a time.
+"""Recurrent decoding: prefill the prompt through the chunked form, then one token at a time
+through the in-place step of `t2r.fast_decode`.
 
 Memory is the model plus a state of fixed size: nothing grows with the number of tokens (except the
 KV cache of layers kept as softmax attention, reported per token).
@@ -17,6 +18,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from t2r.fast_decode import FastState, fast_step
 from t2r.model import T2RForCausalLM
 
 
@@ -78,6 +80,7 @@ def generate(
     logits = logits[:, -1]
     result.prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
+    fast_state = FastState.from_model_state(state)  # decoded in place (tested equal to model.step)
     for index in range(max_new_tokens):
         token = choose(logits)
         if int(token) in stop_ids:
@@ -85,8 +88,9 @@ def generate(
         result.new_tokens.append(int(token))
         on_token(int(token))
         if index + 1 < max_new_tokens:
-            logits, state = model.step(token, state)
+            logits = fast_step(model, token, fast_state)
     result.decode_seconds = time.perf_counter() - start
-    result.state_bytes = state.nbytes()
-    result.bytes_per_token = state.bytes_per_token()
+    final_state = fast_state.to_model_state()
+    result.state_bytes = final_state.nbytes()
+    result.bytes_per_token = final_state.bytes_per_token()
     return result

@@ -46,3 +46,23 @@ def test_rows_leave_the_batch() -> None:
         got = fast_step(model, ids[1:, t], alone)
         expected = fast_step(model, ids[:, t], fast)[1:]
         assert (got - expected).abs().max() <= TOLERANCE
+
+
+@torch.no_grad()
+def test_generate_decodes_what_the_reference_step_decodes() -> None:
+    from t2r.generate import Sampling, generate
+
+    model = converted("qwen2", "hedgehog", tie_qk=False, window=5)
+    for parameter in model.parameters():
+        parameter.add_(torch.randn_like(parameter) * 0.02)
+    prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(3))
+    result = generate(model, prompt, 20, Sampling(greedy=True))
+    logits, state = model(prompt[None])
+    tokens = []
+    token = logits[:, -1].argmax(-1)
+    for _ in range(20):
+        tokens.append(int(token))
+        step_logits, state = model.step(token, state)
+        token = step_logits.argmax(-1)
+    assert result.new_tokens == tokens
+    assert result.state_bytes == model.init_state(1).nbytes()
