@@ -253,6 +253,25 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
     return prefill, rate, peak()
 
 
+def llama_cpp_isolated(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple | str:
+    """`llama_cpp_case` in a child process: a crash of the native engine (a build for another CPU
+    dies with SIGILL) ends that row, not the bench. Returns the figures, or why there are none."""
+    import json
+    import subprocess
+    import sys
+
+    request = json.dumps({"gguf": gguf, "prompt": prompt, "steps": steps, "repeats": repeats, "threads": threads})
+    code = (
+        "import json, sys; from t2r.bench import llama_cpp_case; a = json.loads(sys.stdin.read()); "
+        "print(json.dumps(llama_cpp_case(a['gguf'], a['prompt'], a['steps'], a['repeats'], a['threads'])))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        return f"llama.cpp failed ({reason})"
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -319,6 +338,7 @@ def run_bench(
     if settings.bf16:
         weights["converted (fast, bf16)"] = weight_bytes_per_token(bf16_model.base)
     cases: list[Case] = []
+    llama_status = "measured" if gguf is not None and llama_cpp_available() else "not installed"
     for context in settings.contexts:
         prompt = prompt_ids[:context]
         for variant, engines in variants:
@@ -331,11 +351,15 @@ def run_bench(
             for case in found:
                 log(describe(case))
             cases += found
-        if gguf is not None and llama_cpp_available() and context <= teacher_limit:
-            prefill, rate, peak = llama_cpp_case(gguf, prompt.tolist(), settings.steps, settings.repeats, threads)
-            case = Case("llama.cpp", context, 1, prefill, rate, peak, 0)
-            log(describe(case))
-            cases.append(case)
+        if gguf is not None and llama_cpp_available() and context <= teacher_limit and llama_status == "measured":
+            found = llama_cpp_isolated(gguf, prompt.tolist(), settings.steps, settings.repeats, threads)
+            if isinstance(found, str):
+                llama_status = found  # the engine does not run here: no more llama.cpp rows
+                log(found)
+            else:
+                case = Case("llama.cpp", context, 1, found[0], found[1], found[2], 0)
+                log(describe(case))
+                cases.append(case)
     return {
         "machine": {
             "processor": platform.processor() or platform.machine(),
@@ -346,7 +370,7 @@ def run_bench(
         "settings": asdict(settings),
         "teacher_context": teacher_limit,
         "weight_bytes_per_token": weights,
-        "llama_cpp": "measured" if gguf is not None and llama_cpp_available() else "not installed",
+        "llama_cpp": llama_status,
         "cases": [case.to_dict() for case in cases],
     }
 
