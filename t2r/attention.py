@@ -49,6 +49,7 @@ class LinearAttention(nn.Module):
         softmax does); False feeds them q and k before positions, so that the linear part is the
         same function at every position, also beyond the teacher's context (the window keeps order).
     window_logit [H]: sigmoid of it is each head's share of the softmax part (window > 0 only).
+    decay: the linear part's per-token forgetting factor in (0, 1) (window > 0 only), or None.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class LinearAttention(nn.Module):
         window: int = 0,
         rotary_features: bool = True,
         chunk_size: int = 64,
+        decay: float | None = None,
     ) -> None:
         super().__init__()
         self.projections = projections
@@ -73,6 +75,7 @@ class LinearAttention(nn.Module):
         self.window = window
         self.rotary_features = rotary_features
         self.chunk_size = chunk_size
+        self.decay = decay
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
             dtype = torch.float32 if weight is None else weight.dtype
@@ -84,6 +87,12 @@ class LinearAttention(nn.Module):
 
     def key_map(self) -> FeatureMap:
         return self.feature_map_q if self.feature_map_k is None else self.feature_map_k
+
+    def decay_per_head(self) -> torch.Tensor | None:
+        """[H] fp32 forgetting factors of the linear part, or None."""
+        if self.decay is None:
+            return None
+        return torch.full((self.shape.query_heads,), self.decay, device=self.window_logit.device)
 
     def init_state(
         self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -123,6 +132,7 @@ class LinearAttention(nn.Module):
                 window_share=torch.sigmoid(self.window_logit),
                 scale=self.adapter.softmax_scale(self.projections),
                 eps=self.eps,
+                decay=self.decay_per_head(),
             )  # fmt: skip
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.adapter.output(self.projections, out), next_state

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from t2r.config import FEATURE_MAPS, FORMS
+from t2r.config import DEFAULT_HALF_LIFE, FEATURE_MAPS, FORMS
 from t2r.errors import T2RError, UsageError
 from t2r.train_config import Interrupted, TrainConfig
 
@@ -92,12 +92,21 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated layer indices kept as exact softmax attention (their KV cache grows)",
     )
+    parser.add_argument(
+        "--half-life",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"with a window, a key's linear weight halves every N tokens after it leaves the window "
+        f"(default: {DEFAULT_HALF_LIFE}; 0 = never forget)",
+    )
 
 
 def attention_settings(args: argparse.Namespace) -> dict:
     """T2RConfig fields from the attention flags (the config's defaults where a flag is absent)."""
     window = 64 if args.window is None else args.window
     return {
+        "half_life": args.half_life,  # None: the config's default for the window
         "window": window,
         # Without a window the linear part is the only attention and needs the positions.
         "rotary_features": args.rotary_features or window == 0,
@@ -482,7 +491,14 @@ def run_train(args: argparse.Namespace) -> None:
     resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)
     if isinstance(student, T2RForCausalLM):
-        conversion_flags = (args.feature_map, args.feature_dim, args.untie_qk, args.from_scratch, args.window)
+        conversion_flags = (
+            args.feature_map,
+            args.feature_dim,
+            args.untie_qk,
+            args.from_scratch,
+            args.window,
+            args.half_life,
+        )
         if any(flag not in (None, False) for flag in conversion_flags) or args.rotary_features or args.softmax_layers:
             raise UsageError(f"{args.model} is already converted; drop the conversion flags")
         teacher_spec = args.teacher or student.config.base_model

@@ -10,6 +10,8 @@ from t2r.errors import UsageError
 
 FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog")
 FORMS = ("parallel", "chunked", "recurrent")
+# The linear part's half-life in tokens when a window is used and none is given (see T2RConfig).
+DEFAULT_HALF_LIFE = 128
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class T2RConfig:
         default with a window) feeds them q and k before positions, which makes the linear part
         position-free, so it runs unchanged past the teacher's context; the window keeps the order.
     softmax_layers: indices of layers kept as exact softmax attention (a KV cache that grows).
+    half_life: with a window, the linear part forgets: a key's weight halves every `half_life`
+        tokens after it leaves the window (0: never forgets, the plain LoLCATs sum; None:
+        DEFAULT_HALF_LIFE with a window, 0 without). Bounded, the linear state holds as much as it
+        held in training at any length, instead of growing with the length.
     """
 
     feature_map: str = "t2r"
@@ -43,11 +49,18 @@ class T2RConfig:
     window: int = 64
     rotary_features: bool = False
     softmax_layers: tuple[int, ...] = ()
+    half_life: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
         if self.window < 0:
             raise UsageError(f"window must be >= 0, got {self.window}")
+        if self.half_life is None:
+            object.__setattr__(self, "half_life", DEFAULT_HALF_LIFE if self.window else 0)
+        if self.half_life < 0:
+            raise UsageError(f"half life must be >= 0 tokens, got {self.half_life}")
+        if self.half_life and not self.window:
+            raise UsageError("--half-life needs a window (--window > 0): pure linear attention never forgets")
         if any(index < 0 for index in self.softmax_layers):
             raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:
@@ -69,5 +82,10 @@ class T2RConfig:
         # Models saved before the hybrid existed are pure linear with features after rotary.
         values.setdefault("window", 0)
         values.setdefault("rotary_features", True)
+        values.setdefault("half_life", 0)
         values["softmax_layers"] = tuple(values.get("softmax_layers", ()))
         return cls(**values)
+
+    def decay(self) -> float | None:
+        """The per-token factor of the linear state, 2^(-1 / half_life), or None (no forgetting)."""
+        return 2.0 ** (-1.0 / self.half_life) if self.half_life else None

@@ -72,6 +72,7 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
             window=config.window,
             rotary_features=config.rotary_features,
             chunk_size=config.chunk_size,
+            decay=config.decay(),
         )
         adapter.set_attention(layer, attention.to(device=parameter.device))
     return T2RForCausalLM(teacher, adapter, config).eval()

@@ -156,6 +156,9 @@ def _hybrid_step(
     phi_leaving = phi_leaving * ring.valid[:, slot, None, None]
     leaving_value = ring.values[:, :, slot].float()
     leaving_value = leaving_value.repeat_interleave(groups, 1) if groups > 1 else leaving_value
+    if attention.decay is not None:  # the linear state forgets once per step (ops.windowed)
+        ring.kv.mul_(attention.decay)
+        ring.k_sum.mul_(attention.decay)
     ring.kv.addcmul_(phi_leaving.unsqueeze(-1), leaving_value.unsqueeze(-2))
     ring.k_sum.add_(phi_leaving)
     # 2. The new token takes the slot.

@@ -26,6 +26,7 @@ WINDOWS = [0, 5]  # pure linear, and a hybrid whose window is shorter than the t
 def converted(family: str, feature_map: str = "t2r", **kwargs) -> torch.nn.Module:
     kwargs.setdefault("window", 5)
     kwargs.setdefault("rotary_features", kwargs["window"] == 0)
+    kwargs.setdefault("half_life", 3 if kwargs["window"] else 0)  # forgets fast: the decay is tested
     return convert(tiny_model(family), T2RConfig(feature_map=feature_map, chunk_size=16, **kwargs))
 
 

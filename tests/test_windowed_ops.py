@@ -16,6 +16,7 @@ from tests.test_ops import assert_close
 
 B, H, G, D = 2, 4, 2, 12  # GQA: 4 query heads read 2 key/value heads
 SCALE = D**-0.5
+DECAY = torch.tensor([0.9, 0.7, 0.99, 1.0])  # per head, one of them not forgetting at all
 
 
 def make_case(length: int, window: int, seed: int = 0):
@@ -48,11 +49,13 @@ def make_case(length: int, window: int, seed: int = 0):
     return phi, leaves, valid, window_valid
 
 
-def run(op, case):
+def run(op, case, decay: torch.Tensor | None = None):
     phi, leaves, valid, window_valid = case
     q, k, v, linear_q, linear_k, kv, k_sum, keys, values, linear_keys, share = leaves
     state = HybridAttentionState(LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid)
-    out, final = op(q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE)
+    out, final = op(
+        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
+    )
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     loss = (out * weights).sum() + final.linear.kv.mean() + (final.linear.k_sum + 1).log().sum()
     loss = loss + (final.keys * 0.5 + final.values * 0.25 + final.linear_keys).sum()
@@ -72,9 +75,10 @@ FORMS = {
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("window", [1, 4, 64])
 @pytest.mark.parametrize("length", [1, 7, 63, 65, 150])
-def test_forms_match_reference(form: str, window: int, length: int) -> None:
-    expected = run(windowed_attention, make_case(length, window))
-    got = run(FORMS[form], make_case(length, window))
+@pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
+def test_forms_match_reference(form: str, window: int, length: int, decay: torch.Tensor | None) -> None:
+    expected = run(windowed_attention, make_case(length, window), decay)
+    got = run(FORMS[form], make_case(length, window), decay)
     assert_close(got[0], expected[0], "output")
     for name, a, b in zip(["kv", "k_sum", "keys", "values", "linear_keys"], got[1], expected[1], strict=True):
         assert_close(a, b, f"final {name}")
@@ -83,12 +87,13 @@ def test_forms_match_reference(form: str, window: int, length: int) -> None:
         assert_close(a, b, f"gradient {index}", tolerance=1e-4)
 
 
-def test_split_sequence_equals_whole() -> None:
+@pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
+def test_split_sequence_equals_whole(decay: torch.Tensor | None) -> None:
     """Prefill in pieces (chunked, then parallel) carries the window and the linear state exactly."""
     phi, leaves, valid, window_valid = make_case(40, 6)
     q, k, v, linear_q, linear_k, kv, k_sum, keys, values, linear_keys, share = (x.detach() for x in leaves)
     state = HybridAttentionState(LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid)
-    kwargs = {"feature_map_k": phi, "window_share": share, "scale": SCALE}
+    kwargs = {"feature_map_k": phi, "window_share": share, "scale": SCALE, "decay": decay}
     phi_q = phi(linear_q)
     whole, whole_state = windowed_attention(q, k, v, phi_q, linear_k, valid, state, **kwargs)
     first, middle = chunked_windowed_attention(
@@ -101,22 +106,25 @@ def test_split_sequence_equals_whole() -> None:
     )  # fmt: skip
     assert_close(torch.cat([first, second], 2).detach(), whole.detach(), "output")
     assert_close(end.linear.kv.detach(), whole_state.linear.kv.detach(), "kv")
+    assert_close(end.linear.k_sum.detach(), whole_state.linear.k_sum.detach(), "k_sum")
     assert torch.equal(end.keys, whole_state.keys) and torch.equal(end.valid, whole_state.valid)
 
 
 @torch.no_grad()
-def test_reference_matches_the_formula_token_by_token() -> None:
-    """out_t = (g sum_window a_s v_s + (1-g) sum_older l_s v_s) / (g sum a_s + (1-g) sum l_s), from an
-    empty state, written with Python loops over one head."""
+@pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
+def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None) -> None:
+    """out_t = (g sum_window a_s v_s + (1-g) sum_older lambda^(t-W-s) l_s v_s) / (the same without v),
+    from an empty state, written with Python loops over one head."""
     window, length = 4, 11
     phi, leaves, _, _ = make_case(length, window)
     q, k, v, linear_q, linear_k, *_, share = leaves
     valid = torch.ones(B, length, dtype=torch.bool)
     state = HybridAttentionState.zeros(B, H, G, phi.out_dim, D, window)
     out, _ = windowed_attention(
-        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE
+        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
     )
-    b, h = 1, 3
+    b, h = 1, 1  # head 1 forgets fastest (0.7)
+    forget = 1.0 if decay is None else float(decay[h])
     kv_head = h // (H // G)
     for t in range(length):
         in_window = range(max(0, t - window + 1), t + 1)
@@ -128,7 +136,7 @@ def test_reference_matches_the_formula_token_by_token() -> None:
             else:
                 phi_q = phi(linear_q[b : b + 1, :, t : t + 1])[0, h, 0]
                 phi_k = phi(linear_k[b : b + 1, :, s : s + 1].repeat_interleave(H // G, 1))[0, h, 0]
-                weight = (1 - share[h]) * (phi_q @ phi_k)
+                weight = (1 - share[h]) * (phi_q @ phi_k) * forget ** (t - window - s)
             numerator += weight * v[b, kv_head, s]
             denominator += weight
         assert_close(out[b, h, t], numerator / (denominator + 1e-6), f"token {t}")

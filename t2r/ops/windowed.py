@@ -8,18 +8,23 @@ weighted by softmax scores and every older key by linear-attention scores, in on
     l_s = phi(q_t) . phi(k_s)                 s older than the window (and the linear state)
     out_t = (g * sum a_s v_s + (1 - g) * sum l_s v_s) / (g * sum a_s + (1 - g) * sum l_s + eps)
 
-with a learned share g per head. The window counts token slots: a padded slot sits in it but is
+with a learned share g per head. With a decay lambda per head (`decay`, None = 1), the linear
+part forgets: key s counts lambda^(t - W - s) for the query at t, so it weighs 1 as it leaves the
+window and its weight halves every half-life after that; the linear state's total mass is then
+bounded (at most 1 / (1 - lambda) keys' worth) at any length, as it is in training, instead of
+growing with every token while the window's stays at W. The window counts token slots: a padded slot sits in it but is
 masked, which with left or right padding is the same as "the last W real tokens".
 
 The state (`HybridAttentionState`) holds the last W keys and values, in time order, and the linear
 state of everything older: its size never grows. All forms here and in `windowed_chunked` share
 
-    op(q, k, v, phi_q, linear_keys, valid, initial_state, *, feature_map_k, window_share, scale, eps)
-        -> (out, final_state)
+    op(q, k, v, phi_q, linear_keys, valid, initial_state, *, feature_map_k, window_share, scale, eps,
+       decay) -> (out, final_state)
 
 q [B, H, T, D] and k, v [B, G, T, D] are what the softmax sees (positions applied; G kv heads, H a
 multiple of G); phi_q [B, H, T, F] and linear_keys [B, G, T, D] are what the linear part sees;
-feature_map_k maps keys [B, H, S, D] -> [B, H, S, F]; valid [B, T] bool; window_share [H] in (0, 1).
+feature_map_k maps keys [B, H, S, D] -> [B, H, S, F]; valid [B, T] bool; window_share [H] in (0, 1);
+decay [H] in (0, 1] or None.
 """
 
 from __future__ import annotations
@@ -61,6 +66,36 @@ def combine(
     return numerator / (denominator.unsqueeze(-1) + eps)
 
 
+def decay_powers(decay: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """decay [H], exponent [...] (integers; only entries >= 0 are used) -> decay^exponent [H, ...].
+
+    Negative exponents (entries that are masked anyway) are clamped to 0 so that nothing overflows.
+    """
+    log_decay = decay.float().log().view(-1, *[1] * exponent.dim())
+    return (exponent.clamp(min=0).float() * log_decay).exp()
+
+
+def decayed_final_linear(
+    linear: LinearAttentionState, phi_leaving: torch.Tensor, values_leaving: torch.Tensor, decay: torch.Tensor | None
+) -> LinearAttentionState:
+    """The linear state after L slots left the window, one per step, oldest first.
+
+    phi_leaving [B, H, L, F], values_leaving [B, H, L, D]: the state decays once per step, so the
+    initial state counts decay^L and leaving slot s (0-based) counts decay^(L - 1 - s).
+    """
+    if decay is None:
+        kv = linear.kv + torch.einsum("bhsf,bhsd->bhfd", phi_leaving, values_leaving)
+        return LinearAttentionState(kv, linear.k_sum + phi_leaving.sum(2))
+    steps = phi_leaving.shape[2]
+    age = steps - 1 - torch.arange(steps, device=phi_leaving.device)
+    weighted = phi_leaving * decay_powers(decay, age)[None, :, :, None]  # [B, H, L, F]
+    initial = decay_powers(decay, torch.tensor(steps, device=phi_leaving.device))[None]  # [1, H]
+    return LinearAttentionState(
+        kv=initial[..., None, None] * linear.kv + torch.einsum("bhsf,bhsd->bhfd", weighted, values_leaving),
+        k_sum=initial[..., None] * linear.k_sum + weighted.sum(2),
+    )
+
+
 def masked_softmax_weights(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """exp(scores - max over allowed) where allowed, else 0; rows with nothing allowed give 0."""
     masked = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
@@ -81,6 +116,7 @@ def windowed_attention(
     window_share: torch.Tensor,
     scale: float,
     eps: float = 1e-6,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Parallel (quadratic) form over the window slots of the state followed by the T new tokens.
 
@@ -105,21 +141,25 @@ def windowed_attention(
     scores = torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale
     soft = masked_softmax_weights(scores, causal & in_window & key_ok)  # [B, H, T, S]
     lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), phi_k) * (causal & ~in_window)
+    from_state = torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), state.linear.kv)
+    from_state_den = torch.einsum("bhtf,bhf->bht", phi_q.float(), state.linear.k_sum)
+    if decay is not None:
+        # Key slot s counts decay^(i - W - s) for the query at slot i; the state, decay^(t + 1).
+        lin = lin * decay_powers(decay, query_slot - window - key_slot)  # [H, T, S] broadcast
+        state_weight = decay_powers(decay, torch.arange(1, length + 1, device=q.device))  # [H, T]
+        from_state, from_state_den = from_state * state_weight[..., None], from_state_den * state_weight
     out = combine(
         soft @ values_h,
         soft.sum(-1),
-        lin @ values_h + torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), state.linear.kv),
-        lin.sum(-1) + torch.einsum("bhtf,bhf->bht", phi_q.float(), state.linear.k_sum),
+        lin @ values_h + from_state,
+        lin.sum(-1) + from_state_den,
         window_share,
         eps,
     )
     # The last W slots stay in the window; the T slots before them leave it for the linear state.
     leaving = slice(0, length)
     final_state = HybridAttentionState(
-        linear=LinearAttentionState(
-            kv=state.linear.kv + torch.einsum("bhsf,bhsd->bhfd", phi_k[:, :, leaving], values_h[:, :, leaving]),
-            k_sum=state.linear.k_sum + phi_k[:, :, leaving].sum(2),
-        ),
+        linear=decayed_final_linear(state.linear, phi_k[:, :, leaving], values_h[:, :, leaving], decay),
         keys=keys[:, :, length:],
         values=values[:, :, length:],
         linear_keys=all_linear_keys[:, :, length:],
@@ -141,19 +181,18 @@ def windowed_attention_step(
     window_share: torch.Tensor,
     scale: float,
     eps: float = 1e-6,
+    decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """One token: q [B, H, D], k, v, linear_keys [B, G, D], phi_q [B, H, F], valid [B].
 
     The new token pushes the oldest slot out of the window into the linear state (only that one
-    key goes through the feature map), then the query reads both. Returns out [B, H, D], next state.
+    key goes through the feature map; the state decays once first), then the query reads both.
+    Returns out [B, H, D] and the next state.
     """
     heads = q.shape[1]
     leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, heads)[:, :, 0]
     leaving_value = repeat_heads(state.values[:, :, :1], heads)[:, :, 0].float()  # [B, H, D]
-    linear = LinearAttentionState(
-        kv=state.linear.kv + leaving.unsqueeze(-1) * leaving_value.unsqueeze(-2),
-        k_sum=state.linear.k_sum + leaving,
-    )
+    linear = decayed_final_linear(state.linear, leaving[:, :, None], leaving_value[:, :, None], decay)
     keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
     values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
     window_valid = torch.cat([state.valid[:, 1:], valid.bool()[:, None]], dim=1)  # [B, W]

@@ -6,6 +6,9 @@ chunk of C queries (slots W + nC .. W + nC + C - 1), every slot before nC is old
 windows, so it is read through a linear state (the initial state plus an exclusive prefix sum of
 per-chunk states); the C + W slots nC .. nC + C + W - 1 are scored locally, each either in the
 query's window (softmax), older (linear) or in its future (masked). Same signature as the reference.
+With a decay, chunk n's prefix state is the state after nC steps (P_n, built by a matrix over
+chunks, O(N^2) in the number of chunks but tiny next to the rest), read by query c of the chunk
+with weight decay^(c + 1); a local older slot j counts decay^(c - j).
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import torch.nn.functional as F
 from t2r.ops.windowed import (
     FeatureMapFn,
     combine,
+    decay_powers,
+    decayed_final_linear,
     key_features,
     masked_softmax_weights,
     repeat_heads,
 )
-from t2r.state import HybridAttentionState, LinearAttentionState
+from t2r.state import HybridAttentionState
 
 
 def _blocks(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
@@ -41,6 +46,7 @@ def chunked_windowed_attention(
     window_share: torch.Tensor,
     scale: float,
     eps: float = 1e-6,
+    decay: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Shapes as in `ops.windowed.windowed_attention`; returns out [B, H, T, D] and the final state."""
@@ -64,10 +70,28 @@ def chunked_windowed_attention(
     # Linear state before each chunk's local block: initial + slots [0, nC) (exclusive prefix sum).
     leading_phi = phi_k[:, :, : chunks * size].reshape(batch, heads, chunks, size, feature_dim)
     leading_v = values_h[:, :, : chunks * size].reshape(batch, heads, chunks, size, head_dim)
-    chunk_kv = torch.einsum("bhncf,bhncd->bhnfd", leading_phi, leading_v)
-    chunk_k_sum = leading_phi.sum(3)
-    kv_before = state.linear.kv.unsqueeze(2) + F.pad(chunk_kv.cumsum(2), (0, 0, 0, 0, 1, -1))
-    k_sum_before = state.linear.k_sum.unsqueeze(2) + F.pad(chunk_k_sum.cumsum(2), (0, 0, 1, -1))
+    if decay is None:
+        chunk_kv = torch.einsum("bhncf,bhncd->bhnfd", leading_phi, leading_v)
+        chunk_k_sum = leading_phi.sum(3)
+        kv_before = state.linear.kv.unsqueeze(2) + F.pad(chunk_kv.cumsum(2), (0, 0, 0, 0, 1, -1))
+        k_sum_before = state.linear.k_sum.unsqueeze(2) + F.pad(chunk_k_sum.cumsum(2), (0, 0, 1, -1))
+    else:
+        # Chunk m's own state after its last step (slot j counts decay^(C - 1 - j)), then
+        # P_n = decay^(nC) S_0 + sum_{m < n} decay^((n - 1 - m) C) Q_m, as one matrix over chunks.
+        within = decay_powers(decay, size - 1 - torch.arange(size, device=q.device))  # [H, C]
+        weighted_phi = leading_phi * within[None, :, None, :, None]
+        chunk_kv = torch.einsum("bhncf,bhncd->bhnfd", weighted_phi, leading_v)
+        chunk_k_sum = weighted_phi.sum(3)
+        n = torch.arange(chunks, device=q.device)
+        gap = n[:, None] - 1 - n[None, :]  # [N, M]
+        across = decay_powers(decay, gap * size) * (gap >= 0)  # [H, N, M]
+        initial = decay_powers(decay, n * size)  # [H, N]
+        kv_before = initial[None, :, :, None, None] * state.linear.kv.unsqueeze(2) + torch.einsum(
+            "hnm,bhmfd->bhnfd", across, chunk_kv
+        )
+        k_sum_before = initial[None, :, :, None] * state.linear.k_sum.unsqueeze(2) + torch.einsum(
+            "hnm,bhmf->bhnf", across, chunk_k_sum
+        )
 
     # Local blocks of C + W slots starting at nC: [B, H, N, C + W, X].
     local_keys = _blocks(repeat_heads(keys, heads).float(), size + window, size)
@@ -87,11 +111,17 @@ def chunked_windowed_attention(
     scores = torch.einsum("bhncd,bhnsd->bhncs", qc, local_keys) * scale
     soft = masked_softmax_weights(scores, in_window & local_valid[:, None, :, None, :])
     lin = torch.einsum("bhncf,bhnsf->bhncs", phi_qc, local_phi) * older
+    from_prefix = torch.einsum("bhncf,bhnfd->bhncd", phi_qc, kv_before)
+    from_prefix_den = torch.einsum("bhncf,bhnf->bhnc", phi_qc, k_sum_before)
+    if decay is not None:
+        lin = lin * decay_powers(decay, c - slot)[None, :, None]  # [1, H, 1, C, C + W]
+        prefix_weight = decay_powers(decay, torch.arange(1, size + 1, device=q.device))[None, :, None]  # [1, H, 1, C]
+        from_prefix, from_prefix_den = from_prefix * prefix_weight[..., None], from_prefix_den * prefix_weight
     out = combine(
         soft @ local_values,
         soft.sum(-1),
-        lin @ local_values + torch.einsum("bhncf,bhnfd->bhncd", phi_qc, kv_before),
-        lin.sum(-1) + torch.einsum("bhncf,bhnf->bhnc", phi_qc, k_sum_before),
+        lin @ local_values + from_prefix,
+        lin.sum(-1) + from_prefix_den,
         window_share,
         eps,
     )
@@ -101,10 +131,7 @@ def chunked_windowed_attention(
     leaving = slice(0, length)
     kept = slice(length, length + window)
     final_state = HybridAttentionState(
-        linear=LinearAttentionState(
-            kv=state.linear.kv + torch.einsum("bhsf,bhsd->bhfd", phi_k[:, :, leaving], values_h[:, :, leaving]),
-            k_sum=state.linear.k_sum + phi_k[:, :, leaving].sum(2),
-        ),
+        linear=decayed_final_linear(state.linear, phi_k[:, :, leaving], values_h[:, :, leaving], decay),
         keys=keys[:, :, kept],
         values=values[:, :, kept],
         linear_keys=all_linear_keys[:, :, kept],
