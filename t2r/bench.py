@@ -1,14 +1,18 @@
-"""`t2r bench`: speed and memory of a converted model against its teacher, in one process.
+"""`t2r bench`: speed and memory of a converted model against its teacher, on the same prompts.
 
 For each context length the same prompt (a prefix of one text) is prefilled, then decoded greedily:
-- the teacher through transformers with its KV cache and default attention (up to its context);
-- the converted model: prefill through the chunked form in segments (activations bounded by the
-  segment, so memory does not grow with the prompt), then decoding through `model.step` (the
-  reference recurrent step) and through `fast_step` (in place; fp32 weights, and optionally bf16);
-- llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed.
+- the teacher through transformers with its KV cache and default attention (up to its context), in
+  a fresh child process per context: its peak memory is its own, and what its KV caches and
+  attention buffers leave in the heap does not inflate the converted model's figures;
+- the converted model, in this process: prefill through the chunked form in segments (activations
+  bounded by the segment, so memory does not grow with the prompt), then decoding through
+  `model.step` (the reference recurrent step), `fast_step` (in place) and the compiled fast step,
+  with fp32 weights and, as further rows, int8 weight-only or bf16 weights (fp32 state);
+- llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed (a child process too).
 Batch 16 decodes 16 copies of the prefilled cache / state at once (prefill is timed at batch 1).
-Decode speed is the median over repeats of timed blocks after warm-up steps; peak memory is the
-process's peak resident set during the case (freed memory is returned to the system before each).
+Decode speed is the median over repeats of timed blocks after warm-up steps (which include the
+compilation); peak memory is the process's peak resident set during the case (freed memory is
+returned to the system before each).
 The memory-bandwidth bound: the machine's measured read bandwidth divided by the bytes of weights
 one decode step must read.
 """
@@ -28,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from t2r.fast_decode import FastState, fast_step
+from t2r.fast_decode import Decoder, FastState
 from t2r.model import T2RForCausalLM
 from t2r.state import ModelState
 
@@ -193,31 +197,40 @@ def reference_stepper(model: T2RForCausalLM, state: ModelState, token: torch.Ten
     return step
 
 
-def fast_stepper(model: T2RForCausalLM, state: ModelState, token: torch.Tensor) -> Callable[[], None]:
-    """A decode step through `fast_step` (state updated in place)."""
-    fast_state = FastState.from_model_state(state)
-    current = {"token": token}
+Stepper = Callable[[T2RForCausalLM, ModelState, torch.Tensor], Callable[[], None]]
 
-    def step() -> None:
-        current["token"] = fast_step(model, current["token"], fast_state).argmax(-1)
 
-    return step
+def stepper_for(decoder: Decoder) -> Stepper:
+    """Decode steps through `decoder` (the fast step, eager or compiled; state updated in place)."""
+
+    def make(model: T2RForCausalLM, state: ModelState, token: torch.Tensor) -> Callable[[], None]:
+        fast_state = FastState.from_model_state(state)
+        current = {"token": token}
+
+        def step() -> None:
+            current["token"] = decoder(model, current["token"], fast_state).argmax(-1)
+
+        return step
+
+    return make
 
 
 @torch.no_grad()
 def converted_cases(
     model: T2RForCausalLM,
-    engines: dict[str, tuple[Callable[..., Callable[[], None]], tuple[int, ...]]],
+    engines: dict[str, tuple[Stepper, tuple[int, ...]]],
     prompt: torch.Tensor,
     steps: int,
     repeats: int,
     segment: int,
-) -> list[Case]:
-    """Prefill once at batch 1 (timed), then decode with each named (stepper, batch sizes)."""
+    prefilled: tuple[torch.Tensor, ModelState] | None = None,
+) -> tuple[list[Case], tuple[torch.Tensor, ModelState]]:
+    """Prefill once at batch 1 (timed) unless `prefilled` gives (logits, state), then decode with
+    each named (stepper, batch sizes). Returns the cases and the prefill's (logits, state)."""
     with peak_rss() as peak:
         start = time.perf_counter()
-        logits, state = prefill_converted(model, prompt, segment)
-        prefill = len(prompt) / (time.perf_counter() - start)
+        logits, state = prefill_converted(model, prompt, segment) if prefilled is None else prefilled
+        prefill = len(prompt) / (time.perf_counter() - start) if prefilled is None else None
         prefill_peak = peak()
     state_bytes = state.nbytes()
     cases = []
@@ -230,7 +243,7 @@ def converted_cases(
                 del step
                 case_peak = max(peak(), prefill_peak)
             cases.append(Case(name, len(prompt), batch, prefill if batch == 1 else None, rate, case_peak, state_bytes))
-    return cases
+    return cases, (logits, state)
 
 
 def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple[float, float, int]:
@@ -253,23 +266,41 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
     return prefill, rate, peak()
 
 
-def llama_cpp_isolated(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple | str:
-    """`llama_cpp_case` in a child process: a crash of the native engine (a build for another CPU
-    dies with SIGILL) ends that row, not the bench. Returns the figures, or why there are none."""
+def isolated(function: str, **arguments: Any) -> Any | str:
+    """`t2r.bench.<function>(**arguments)` in a fresh child process, JSON in and out.
+
+    A crash of a native engine (a llama.cpp build for another CPU dies with SIGILL) ends that row,
+    not the bench; and a child's peak memory is its own. Returns the result, or why there is none.
+    """
     import json
     import subprocess
     import sys
 
-    request = json.dumps({"gguf": gguf, "prompt": prompt, "steps": steps, "repeats": repeats, "threads": threads})
-    code = (
-        "import json, sys; from t2r.bench import llama_cpp_case; a = json.loads(sys.stdin.read()); "
-        "print(json.dumps(llama_cpp_case(a['gguf'], a['prompt'], a['steps'], a['repeats'], a['threads'])))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True)
+    code = f"import json, sys, t2r.bench as b; a = json.loads(sys.stdin.read()); print(json.dumps(b.{function}(**a)))"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(arguments), capture_output=True, text=True)
     if done.returncode != 0:
         reason = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        return f"llama.cpp failed ({reason})"
-    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+        detail = done.stderr.strip().splitlines()[-1:] if done.returncode > 0 else []
+        return f"{function} failed ({reason}{': ' + detail[0] if detail else ''})"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_isolated(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple | str:
+    """`llama_cpp_case` in a child process; the figures, or why there are none."""
+    found = isolated("llama_cpp_case", gguf=gguf, prompt=prompt, steps=steps, repeats=repeats, threads=threads)
+    return found if isinstance(found, str) else tuple(found)
+
+
+def teacher_cases_from_spec(
+    spec: str, prompt: list[int], batches: list[int], steps: int, repeats: int, threads: int
+) -> dict[str, Any]:
+    """Load the teacher (as `t2r` names models) and run `teacher_cases`; JSON-ready, for a child."""
+    from t2r.convert import load_model
+
+    torch.set_num_threads(threads)
+    teacher, _ = load_model(spec)
+    cases = teacher_cases(teacher, torch.tensor(prompt, dtype=torch.long), batches, steps, repeats)
+    return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weight_bytes_per_token(teacher)}
 
 
 def llama_cpp_available() -> bool:
@@ -288,8 +319,34 @@ class BenchSettings:
     steps: int = 16  # decode steps per timed block
     repeats: int = 3  # timed blocks (median)
     segment: int = 512  # prefill segment of the converted model
-    bf16: bool = True  # also the fast path with bf16 weights (fp32 state)
+    weights: tuple[str, ...] = ("fp32", "int8", "bf16")  # weight formats of the converted rows
+    compile: bool = True  # the compiled fast step as rows (besides the eager fp32 one)
     reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
+
+
+def engine_name(weights: str, compiled: bool) -> str:
+    """ "converted (fast)", "converted (compiled, int8)", ...: how a converted row decodes."""
+    return f"converted ({'compiled' if compiled else 'fast'}{'' if weights == 'fp32' else ', ' + weights})"
+
+
+def converted_variants(
+    model: T2RForCausalLM, settings: BenchSettings
+) -> list[tuple[str, T2RForCausalLM, dict[str, tuple[Stepper, tuple[int, ...]]]]]:
+    """(weight format, model with those weights, engines) for each converted row set."""
+    from t2r.quantize import with_weights
+
+    batches = tuple(settings.batches)
+    variants = []
+    for weights in settings.weights:
+        engines: dict[str, tuple[Stepper, tuple[int, ...]]] = {}
+        if weights == "fp32" or not settings.compile:
+            engines[engine_name(weights, False)] = (stepper_for(Decoder()), batches)
+        if settings.compile:  # one compiled decoder per weight format: compiled once, reused
+            engines[engine_name(weights, True)] = (stepper_for(Decoder(compile=True)), batches)
+        if weights == "fp32" and settings.reference_step:
+            engines["converted (step)"] = (reference_stepper, (1,))  # the reference, batch 1 only
+        variants.append((weights, with_weights(model, weights), engines))
+    return variants
 
 
 def bench_prompt_ids(tokenizer: Any, text: str | None, length: int) -> torch.Tensor:
@@ -308,49 +365,65 @@ def bench_prompt_ids(tokenizer: Any, text: str | None, length: int) -> torch.Ten
 
 def run_bench(
     model: T2RForCausalLM,
-    teacher: nn.Module,
+    teacher_spec: str,
     prompt_ids: torch.Tensor,
     settings: BenchSettings,
     gguf: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Every case of the bench; returns the JSON-ready record (machine, cases, bounds)."""
-    import copy
+    """Every case of the bench; returns the JSON-ready record (machine, cases, bounds).
+
+    teacher_spec names the teacher as `t2r` does (alias, folder, .gguf, hub id): each of its
+    contexts runs in a child process that loads it.
+    """
     import platform
 
-    teacher_limit = getattr(teacher.config, "max_position_embeddings", None) or max(settings.contexts)
+    teacher_limit = getattr(model.base.config, "max_position_embeddings", None) or max(settings.contexts)
     threads = torch.get_num_threads()
     bandwidth = memory_bandwidth()
     log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {threads} threads")
-    batches = tuple(settings.batches)
-    fp32_engines = {"converted (fast)": (fast_stepper, batches)}
-    if settings.reference_step:
-        fp32_engines["converted (step)"] = (reference_stepper, (1,))  # the reference, batch 1 only
-    variants = [(model, fp32_engines)]
-    if settings.bf16:
-        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
-        variants.append((bf16_model, {"converted (fast, bf16)": (fast_stepper, batches)}))
-    weights = {
-        "teacher": weight_bytes_per_token(teacher),
-        "converted (fast)": weight_bytes_per_token(model.base),
-        "converted (step)": weight_bytes_per_token(model.base),
-    }
-    if settings.bf16:
-        weights["converted (fast, bf16)"] = weight_bytes_per_token(bf16_model.base)
+    variants = converted_variants(model, settings)
+    weights: dict[str, int] = {}
+    for _, variant, engines in variants:
+        for name in engines:
+            weights[name] = weight_bytes_per_token(variant.base)
     cases: list[Case] = []
+    teacher_status = "measured"
     llama_status = "measured" if gguf is not None and llama_cpp_available() else "not installed"
     for context in settings.contexts:
         prompt = prompt_ids[:context]
-        for variant, engines in variants:
-            found = converted_cases(variant, engines, prompt, settings.steps, settings.repeats, settings.segment)
+        fp32_prefill = None
+        for weight_format, variant, engines in variants:
+            # int8 prefill multiplies by the dequantised weights (see t2r.quantize): the fp32
+            # prefill's state serves it, and its prefill is not reported separately.
+            reuse = fp32_prefill if weight_format == "int8" else None
+            found, prefilled = converted_cases(
+                variant, engines, prompt, settings.steps, settings.repeats, settings.segment, reuse
+            )
+            if weight_format == "fp32":
+                fp32_prefill = prefilled
             for case in found:
                 log(describe(case))
             cases += found
-        if context <= teacher_limit:
-            found = teacher_cases(teacher, prompt, list(settings.batches), settings.steps, settings.repeats)
-            for case in found:
-                log(describe(case))
-            cases += found
+        if context <= teacher_limit and teacher_status == "measured":
+            found = isolated(
+                "teacher_cases_from_spec",
+                spec=teacher_spec,
+                prompt=prompt.tolist(),
+                batches=list(settings.batches),
+                steps=settings.steps,
+                repeats=settings.repeats,
+                threads=threads,
+            )
+            if isinstance(found, str):
+                teacher_status = found
+                log(found)
+            else:
+                weights["teacher"] = found["weight_bytes_per_token"]
+                for record in found["cases"]:
+                    case = Case(**record)
+                    log(describe(case))
+                    cases.append(case)
         if gguf is not None and llama_cpp_available() and context <= teacher_limit and llama_status == "measured":
             found = llama_cpp_isolated(gguf, prompt.tolist(), settings.steps, settings.repeats, threads)
             if isinstance(found, str):
@@ -369,6 +442,7 @@ def run_bench(
         },
         "settings": asdict(settings),
         "teacher_context": teacher_limit,
+        "teacher": teacher_status,
         "weight_bytes_per_token": weights,
         "llama_cpp": llama_status,
         "cases": [case.to_dict() for case in cases],

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from t2r.config import DEFAULT_HALF_LIFE, FEATURE_MAPS, FORMS
+from t2r.config import DEFAULT_HALF_LIFE, FEATURE_MAPS, FORMS, WEIGHT_FORMATS
 from t2r.errors import T2RError, UsageError
 from t2r.train_config import Interrupted, TrainConfig
 
@@ -102,6 +102,17 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    """How the decode step runs: weight format and compilation (shared by generate and bench)."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="fp32",
+        help="decode with fp32, bf16 or int8 weight-only projections (the state stays fp32)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once, ~1 min)")
+
+
 def attention_settings(args: argparse.Namespace) -> dict:
     """T2RConfig fields from the attention flags (the config's defaults where a flag is absent)."""
     window = 64 if args.window is None else args.window
@@ -140,7 +151,12 @@ def build_parser() -> Parser:
 
     generate = commands.add_parser("generate", help="decode from a converted model, one token at a time")
     generate.add_argument("model", help="a converted model folder")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="repeatable: several prompts decode as one batch (rows leave as they finish)",
+    )
     generate.add_argument("--max-new-tokens", type=positive_int, default=128)
     generate.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
     generate.add_argument("--temperature", type=bounded_float(0.0, 100.0), default=1.0)
@@ -148,6 +164,7 @@ def build_parser() -> Parser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    add_decode_flags(generate)
 
     train = commands.add_parser("train", help="attention transfer, then fine-tuning (runs under accelerate)")
     train.add_argument(
@@ -249,7 +266,14 @@ def build_parser() -> Parser:
     bench.add_argument("--steps", type=positive_int, default=16, help="decode steps per timed block")
     bench.add_argument("--repeats", type=positive_int, default=3, help="timed blocks per case (median)")
     bench.add_argument("--segment", type=positive_int, default=512, help="prefill segment of the converted model")
-    bench.add_argument("--no-bf16", action="store_true", help="skip the bf16-weights row")
+    bench.add_argument(
+        "--weights",
+        type=lambda text: tuple(text.split(",")),
+        default=("fp32", "int8", "bf16"),
+        metavar="F,G,...",
+        help=f"weight formats of the converted rows, from {', '.join(WEIGHT_FORMATS)} (default: all)",
+    )
+    bench.add_argument("--no-compile", action="store_true", help="no compiled rows (eager fast step only)")
     bench.add_argument("--no-reference-step", action="store_true", help="skip the `model.step` row")
     bench.add_argument("--data", type=Path, default=None, help="prompt text (default: the built-in corpus)")
     bench.add_argument("--gguf", type=Path, default=None, help="GGUF for the llama.cpp row (default: the teacher's)")
@@ -324,43 +348,55 @@ def run_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
     from t2r.convert import load_model
-    from t2r.generate import Sampling, generate
+    from t2r.fast_decode import Decoder
+    from t2r.generate import Sampling, generate_batch
     from t2r.model import T2RForCausalLM
+    from t2r.quantize import with_weights
 
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
-    prompt = args.prompt
-    if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError(f"{args.model} has no chat template; drop --chat")
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    prompt_ids = torch.tensor(tokenizer(prompt, add_special_tokens=not args.chat).input_ids, dtype=torch.long)
-    if len(prompt_ids) == 0:
-        raise UsageError("the prompt is empty")
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{args.model} has no chat template; drop --chat")
+    prompts = []
+    for prompt in args.prompt:
+        if args.chat:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        ids = torch.tensor(tokenizer(prompt, add_special_tokens=not args.chat).input_ids, dtype=torch.long)
+        if len(ids) == 0:
+            raise UsageError("a prompt is empty")
+        prompts.append(ids)
     stop_ids = frozenset() if args.ignore_eos else _eos_ids(tokenizer, model)
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(args.prompt if not args.chat else "", end="", flush=True)
-    result = generate(
-        model,
-        prompt_ids,
-        args.max_new_tokens,
-        sampling,
-        on_token=lambda token: streamer.put(torch.tensor([token])),
-        stop_ids=stop_ids,
-    )
-    streamer.end()
-    rate = (len(result.new_tokens) - 1) / result.decode_seconds if len(result.new_tokens) > 1 else 0.0
+    model = with_weights(model, args.weights)
+    decoder = Decoder(compile=args.compile)
+    if len(prompts) == 1:  # stream the one completion as it is decoded
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        print(args.prompt[0] if not args.chat else "", end="", flush=True)
+        on_token = lambda row, token: streamer.put(torch.tensor([token]))  # noqa: E731
+    else:
+        on_token = lambda row, token: None  # noqa: E731
+    results = generate_batch(model, prompts, args.max_new_tokens, sampling, on_token, stop_ids, decoder)
+    if len(prompts) == 1:
+        streamer.end()
+    else:
+        for prompt, result in zip(args.prompt, results, strict=True):
+            text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
+            print(f"--- {prompt!r}\n{prompt if not args.chat else ''}{text}", flush=True)
+    result = results[0]
+    new_tokens = sum(len(r.new_tokens) for r in results)
+    # The first token of each row comes from the prefill's logits: decoding made the rest.
+    rate = (new_tokens - len(results)) / result.decode_seconds if new_tokens > len(results) else 0.0
     growth = (
         f" (+{result.bytes_per_token:,} bytes per token: KV cache of the softmax layers)"
         if result.bytes_per_token
         else ", constant"
     )
     print(
-        f"[{len(result.new_tokens)} new tokens after a {result.prompt_tokens}-token prompt; "
+        f"[{new_tokens} new tokens after a {result.prompt_tokens}-token prompt"
+        f"{f' (and {len(results) - 1} more prompts, one batch)' if len(results) > 1 else ''}; "
         f"prefill {result.prefill_seconds:.2f} s; decode {rate:.1f} tokens/s; "
         f"state {result.state_bytes / 2**20:.2f} MiB{growth}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
         file=sys.stderr,
@@ -565,7 +601,11 @@ def run_bench(args: argparse.Namespace) -> None:
     spec = args.teacher or model.config.base_model
     if spec is None:
         raise UsageError("--teacher is needed: this model records no base model")
-    teacher, _ = load_model(spec)
+    unknown = [w for w in args.weights if w not in WEIGHT_FORMATS]
+    if unknown or "fp32" not in args.weights:
+        raise UsageError(
+            f"--weights takes {', '.join(WEIGHT_FORMATS)} and must include fp32; got {unknown or args.weights}"
+        )
     gguf = str(args.gguf) if args.gguf else None
     if gguf is None and hub.resolve(spec).kind == "gguf":
         gguf = hub.resolve(spec).name
@@ -575,11 +615,12 @@ def run_bench(args: argparse.Namespace) -> None:
         steps=args.steps,
         repeats=args.repeats,
         segment=args.segment,
-        bf16=not args.no_bf16,
+        weights=tuple(dict.fromkeys(args.weights)),
+        compile=not args.no_compile,
         reference_step=not args.no_reference_step,
     )
     prompt_ids = bench_prompt_ids(tokenizer, text, max(settings.contexts))
-    record = run_bench(model, teacher, prompt_ids, settings, gguf, log=lambda line: print(line, file=sys.stderr))
+    record = run_bench(model, spec, prompt_ids, settings, gguf, log=lambda line: print(line, file=sys.stderr))
     command = "t2r bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "t2r bench"
     report = None if args.no_report else args.report
     for row in write(record, args.out, report, command):

@@ -16,6 +16,7 @@ def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: P
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\nkept text\n")
     argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]
+    argv += ["--no-compile"]  # the compiled step is tested in test_fast_decode; compiling takes a while
     argv += ["--data", text_file, "--out", tmp_path / "out", "--report", report]
     code, out, err = run(argv, capfd)
     assert code == 0, err
@@ -23,10 +24,13 @@ def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: P
     engines = {(c["engine"], c["context"], c["batch"]) for c in record["cases"]}
     for context in (16, 64):
         for batch in (1, 2):
-            for engine in ("teacher", "converted (fast)", "converted (fast, bf16)"):
+            for engine in ("teacher", "converted (fast)", "converted (fast, int8)", "converted (fast, bf16)"):
                 assert (engine, context, batch) in engines
         assert ("converted (step)", context, 1) in engines
     assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
+    assert record["teacher"] == "measured"  # in a child process per context
+    int8_bytes = record["weight_bytes_per_token"]["converted (fast, int8)"]
+    assert int8_bytes < record["weight_bytes_per_token"]["converted (fast)"] / 2
     teacher_cache = [c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "teacher"]
     assert teacher_cache[0] < teacher_cache[-1]  # the KV cache grows with the context
     ours = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "converted (fast)"}
