@@ -255,11 +255,18 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
         start = time.perf_counter()
         llm.eval(prompt)
         prefill = len(prompt) / (time.perf_counter() - start)
-        token = [int(llm.scores[llm.n_tokens - 1].argmax())]
+
+        def last_argmax() -> int:
+            # Without logits_all, llama-cpp-python keeps no scores: read the context's last logits.
+            import numpy as np
+
+            return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
+
+        token = [last_argmax()]
 
         def step() -> None:
             llm.eval(token)
-            token[0] = int(llm.scores[llm.n_tokens - 1].argmax())
+            token[0] = last_argmax()
 
         rate = decode_rate(step, 1, steps, repeats)
         llm.close()

@@ -153,7 +153,7 @@ def _hybrid_step(
     # 1. Evict: phi(oldest linear key) (x) its value into the linear state (only valid slots).
     leaving_key = ring.linear_keys.index_select(2, slot)  # [B, G, 1, D]
     leaving_key = leaving_key.repeat_interleave(groups, 1) if groups > 1 else leaving_key
-    phi_leaving = attention.key_map()(leaving_key)[:, :, 0].float()  # [B, H, F]
+    phi_leaving = attention.key_map()(leaving_key.to(k_features.dtype))[:, :, 0].float()  # [B, H, F]
     phi_leaving = phi_leaving * ring.valid.index_select(1, slot)[:, :, None]
     leaving_value = ring.values.index_select(2, slot)[:, :, 0].float()
     leaving_value = leaving_value.repeat_interleave(groups, 1) if groups > 1 else leaving_value

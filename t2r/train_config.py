@@ -24,7 +24,7 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 512
     lr_transfer: float = 1e-2
-    lr_finetune: float = 1e-3
+    lr_finetune: float = 2e-4  # 1e-3 diverged with the window-64 hybrid (BENCHMARKS.md, recipe notes)
     warmup: float = 0.05
     clip: float = 1.0
     ce_weight: float = 0.0

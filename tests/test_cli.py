@@ -102,6 +102,20 @@ def test_generate_greedy_streams_the_requested_tokens(converted_folder: Path, ca
     assert again[1] == out
 
 
+def test_generate_batches_prompts_with_smaller_weights(converted_folder: Path, capfd) -> None:
+    """Several --prompt decode as one batch; each completion equals that prompt decoded alone."""
+    base = ["generate", converted_folder, "--max-new-tokens", 6, "--greedy", "--ignore-eos", "--weights", "int8"]
+    code, out, err = run([*base, "--prompt", "The history of", "--prompt", "Once upon a time, in"], capfd)
+    assert code == 0, err
+    assert "[12 new tokens after a" in err and "1 more prompts, one batch" in err
+    first, second = out.split("--- 'Once upon a time, in'\n")
+    alone = run([*base, "--prompt", "Once upon a time, in"], capfd)
+    assert alone[0] == 0 and alone[1].rstrip("\n") == second.rstrip("\n")
+    assert first.startswith("--- 'The history of'\nThe history of")
+    code, _, err = run([*base[:-2], "--weights", "int4", "--prompt", "x"], capfd)
+    assert code == 2 and "invalid choice" in err
+
+
 def test_generate_sampling_is_seeded_and_chat_works(converted_folder: Path, capfd) -> None:
     args = [
         "generate",
