@@ -10,27 +10,38 @@ from tests.conftest import FAMILIES, VOCAB
 from tests.test_model import TOLERANCE, converted, left_padded_batch, state_tensors
 
 
-@pytest.mark.parametrize("softmax_layers", [(), (1,)])
-@pytest.mark.parametrize("window", [0, 5])
-@pytest.mark.parametrize("family", FAMILIES)
-@torch.no_grad()
-def test_fast_step_matches_reference_step(family: str, window: int, softmax_layers: tuple[int, ...]) -> None:
-    model = converted(family, "hedgehog", tie_qk=False, window=window, softmax_layers=softmax_layers)
-    for parameter in model.parameters():  # trained-looking maps and shares, not the identity init
-        parameter.add_(torch.randn_like(parameter) * 0.02)
+def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every parameter: maps and shares that are not the identity init."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
+def assert_fast_path_matches_reference(model: torch.nn.Module, step, steps: int = 12) -> None:
+    """`step(model, ids, fast_state)` against `model.step` from a prefilled, left-padded batch."""
     ids, mask = left_padded_batch()
-    _, state = model(ids[:, :17], mask[:, :17], form="chunked")
-    fast = FastState.from_model_state(state)
-    generator = torch.Generator().manual_seed(5)
-    for _ in range(12):  # more steps than the window: the ring wraps around
-        token = torch.randint(3, VOCAB, (2,), generator=generator)
-        expected, state = model.step(token, state)
-        got = fast_step(model, token, fast)
-        assert (got - expected).abs().max() <= TOLERANCE
+    with torch.no_grad():
+        _, state = model(ids[:, :17], mask[:, :17], form="chunked")
+        fast = FastState.from_model_state(state)
+        generator = torch.Generator().manual_seed(5)
+        for _ in range(steps):
+            token = torch.randint(3, VOCAB, (2,), generator=generator)
+            expected, state = model.step(token, state)
+            got = step(model, token, fast)
+            assert (got - expected).abs().max() <= TOLERANCE
     for a, b in zip(fast.to_model_state().layers, state.layers, strict=True):
         for x, y in zip(state_tensors(a), state_tensors(b), strict=True):
             assert (x - y).abs().max() <= TOLERANCE * max(1.0, y.abs().max().item())
     assert torch.equal(fast.seen, state.seen)
+
+
+@pytest.mark.parametrize("softmax_layers", [(), (1,)])
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_step_matches_reference_step(family: str, window: int, softmax_layers: tuple[int, ...]) -> None:
+    model = converted(family, "hedgehog", tie_qk=False, window=window, softmax_layers=softmax_layers)
+    assert_fast_path_matches_reference(trained_looking(model), fast_step)  # 12 steps > window: the ring wraps
 
 
 @torch.no_grad()
@@ -66,31 +77,6 @@ def test_generate_decodes_what_the_reference_step_decodes() -> None:
         token = step_logits.argmax(-1)
     assert result.new_tokens == tokens
     assert result.state_bytes == model.init_state(1).nbytes()
-
-
-def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
-    """Perturb every parameter: maps and shares that are not the identity init."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    return model
-
-
-def assert_fast_path_matches_reference(model: torch.nn.Module, step, steps: int = 12) -> None:
-    """`step(model, ids, fast_state)` against `model.step` from a prefilled, left-padded batch."""
-    ids, mask = left_padded_batch()
-    with torch.no_grad():
-        _, state = model(ids[:, :17], mask[:, :17], form="chunked")
-        fast = FastState.from_model_state(state)
-        generator = torch.Generator().manual_seed(5)
-        for _ in range(steps):
-            token = torch.randint(3, VOCAB, (2,), generator=generator)
-            expected, state = model.step(token, state)
-            got = step(model, token, fast)
-            assert (got - expected).abs().max() <= TOLERANCE
-    for a, b in zip(fast.to_model_state().layers, state.layers, strict=True):
-        for x, y in zip(state_tensors(a), state_tensors(b), strict=True):
-            assert (x - y).abs().max() <= TOLERANCE * max(1.0, y.abs().max().item())
 
 
 @pytest.mark.parametrize(
