@@ -1,14 +1,17 @@
 """`t2r bench`: speed and memory of a converted model against its teacher, on the same prompts.
 
 For each context length the same prompt (a prefix of one text) is prefilled, then decoded greedily:
-- the teacher through transformers with its KV cache and default attention (up to its context), in
-  a fresh child process per context: its peak memory is its own, and what its KV caches and
-  attention buffers leave in the heap does not inflate the converted model's figures;
-- the converted model, in this process: prefill through the chunked form in segments (activations
-  bounded by the segment, so memory does not grow with the prompt), then decoding through
-  `model.step` (the reference recurrent step), `fast_step` (in place) and the compiled fast step,
-  with fp32 weights and, as further rows, int8 weight-only or bf16 weights (fp32 state);
-- llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed (a child process too).
+- the teacher through transformers with its KV cache and default attention (up to its context);
+- the converted model: prefill through the chunked form in segments (activations bounded by the
+  segment, so memory does not grow with the prompt), then decoding through `model.step` (the
+  reference recurrent step), `fast_step` (in place) and the compiled fast step, with fp32 weights
+  and, as further rows, int8 weight-only or bf16 weights (fp32 state);
+- llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed.
+Each engine runs each context in a fresh child process that loads the model, so that every
+context's peak memory is its own, measured from the same starting point: what an earlier context
+left behind (KV caches, compiled graphs, batch-16 buffers, heap fragments) does not inflate a later
+one, nor does its absence flatter the first. A child recompiles the compiled step, and inductor's
+on-disk cache makes that a reload after the first context.
 Batch 16 decodes 16 copies of the prefilled cache / state at once (prefill is timed at batch 1).
 Decode speed is the median over repeats of timed blocks after warm-up steps (which include the
 compilation); peak memory is the process's peak resident set during the case (freed memory is
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,8 +280,11 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
 def isolated(function: str, **arguments: Any) -> Any | str:
     """`t2r.bench.<function>(**arguments)` in a fresh child process, JSON in and out.
 
-    A crash of a native engine (a llama.cpp build for another CPU dies with SIGILL) ends that row,
-    not the bench; and a child's peak memory is its own. Returns the result, or why there is none.
+    Every engine's context runs this way, for two reasons. A child's peak memory is its own: it
+    starts from a freshly loaded model, whatever earlier contexts allocated, compiled or fragmented,
+    so the figures of different contexts compare (compiled graphs reload from inductor's on-disk
+    cache). And a crash (a llama.cpp build for another CPU dies with SIGILL, a long context runs out
+    of memory) ends that row, not the bench. Returns the result, or why there is none.
     """
     import json
     import subprocess
@@ -310,6 +317,33 @@ def teacher_cases_from_spec(
     return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weight_bytes_per_token(teacher)}
 
 
+def converted_cases_from_folder(
+    folder: str, prompt: list[int], settings: dict[str, Any], threads: int
+) -> dict[str, Any]:
+    """Load the converted model in `folder` and run `converted_cases` for each weight format of
+    `settings` (a `BenchSettings` as a dict); JSON-ready, for a child."""
+    from t2r.convert import load_converted
+
+    torch.set_num_threads(threads)
+    model, _ = load_converted(Path(folder))
+    bench = BenchSettings.from_dict(settings)
+    ids = torch.tensor(prompt, dtype=torch.long)
+    cases: list[Case] = []
+    weights: dict[str, int] = {}
+    fp32_prefill = None
+    for weight_format, variant, engines in converted_variants(model, bench):
+        # int8 prefill multiplies by the dequantised weights (see t2r.quantize): the fp32 prefill's
+        # state serves it, and its prefill is not reported separately.
+        reuse = fp32_prefill if weight_format == "int8" else None
+        found, prefilled = converted_cases(variant, engines, ids, bench.steps, bench.repeats, bench.segment, reuse)
+        if weight_format == "fp32":
+            fp32_prefill = prefilled
+        cases += found
+        for name in engines:
+            weights[name] = weight_bytes_per_token(variant.base)
+    return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weights}
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -329,6 +363,11 @@ class BenchSettings:
     weights: tuple[str, ...] = ("fp32", "int8", "bf16")  # weight formats of the converted rows
     compile: bool = True  # the compiled fast step as rows (besides the eager fp32 one)
     reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> BenchSettings:
+        """From `asdict` after a JSON round trip (which turns the tuples into lists)."""
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
 
 
 def engine_name(weights: str, compiled: bool) -> str:
@@ -371,47 +410,53 @@ def bench_prompt_ids(tokenizer: Any, text: str | None, length: int) -> torch.Ten
 
 
 def run_bench(
-    model: T2RForCausalLM,
+    folder: str | Path,
     teacher_spec: str,
     prompt_ids: torch.Tensor,
     settings: BenchSettings,
+    teacher_context: int | None = None,
     gguf: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every case of the bench; returns the JSON-ready record (machine, cases, bounds).
 
-    teacher_spec names the teacher as `t2r` does (alias, folder, .gguf, hub id): each of its
-    contexts runs in a child process that loads it.
+    folder is the converted model's folder; teacher_spec names the teacher as `t2r` does (alias,
+    folder, .gguf, hub id); teacher_context is the longest context the teacher takes (None: no
+    limit). Each engine's context runs in a fresh child process that loads its model (see
+    `isolated`): every context's peak memory is measured from the same fresh start, so the figure
+    at 256 and the one at 32k compare. A child that fails is logged and recorded as the engine's
+    status ("converted", "teacher", "llama_cpp"), and that engine measures no further contexts.
     """
     import platform
 
-    teacher_limit = getattr(model.base.config, "max_position_embeddings", None) or max(settings.contexts)
+    teacher_limit = max(settings.contexts) if teacher_context is None else teacher_context
     threads = torch.get_num_threads()
     bandwidth = memory_bandwidth()
     log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {threads} threads")
-    variants = converted_variants(model, settings)
     weights: dict[str, int] = {}
-    for _, variant, engines in variants:
-        for name in engines:
-            weights[name] = weight_bytes_per_token(variant.base)
     cases: list[Case] = []
+    converted_status = "measured"
     teacher_status = "measured"
     llama_status = "measured" if gguf is not None and llama_cpp_available() else "not installed"
     for context in settings.contexts:
         prompt = prompt_ids[:context]
-        fp32_prefill = None
-        for weight_format, variant, engines in variants:
-            # int8 prefill multiplies by the dequantised weights (see t2r.quantize): the fp32
-            # prefill's state serves it, and its prefill is not reported separately.
-            reuse = fp32_prefill if weight_format == "int8" else None
-            found, prefilled = converted_cases(
-                variant, engines, prompt, settings.steps, settings.repeats, settings.segment, reuse
+        if converted_status == "measured":
+            found = isolated(
+                "converted_cases_from_folder",
+                folder=str(folder),
+                prompt=prompt.tolist(),
+                settings=asdict(settings),
+                threads=threads,
             )
-            if weight_format == "fp32":
-                fp32_prefill = prefilled
-            for case in found:
-                log(describe(case))
-            cases += found
+            if isinstance(found, str):
+                converted_status = found
+                log(found)
+            else:
+                weights.update(found["weight_bytes_per_token"])
+                for record in found["cases"]:
+                    case = Case(**record)
+                    log(describe(case))
+                    cases.append(case)
         if context <= teacher_limit and teacher_status == "measured":
             found = isolated(
                 "teacher_cases_from_spec",
@@ -449,6 +494,7 @@ def run_bench(
         },
         "settings": asdict(settings),
         "teacher_context": teacher_limit,
+        "converted": converted_status,
         "teacher": teacher_status,
         "weight_bytes_per_token": weights,
         "llama_cpp": llama_status,

@@ -5,14 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from t2r.bench import memory_bandwidth, peak_rss, weight_bytes_per_token
+import t2r.bench
+from t2r.bench import BenchSettings, memory_bandwidth, peak_rss, run_bench, weight_bytes_per_token
 from tests.conftest import tiny_model
 from tests.test_cli import run
 
 
-def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: Path, tmp_path: Path, capfd) -> None:
+def test_bench_writes_json_plots_and_report(
+    converted_folder: Path, text_file: Path, tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("the converted model must be measured in a child process, not in the bench's")
+
+    # Only this process's module is patched: rows that still appear were measured by the children.
+    monkeypatch.setattr(t2r.bench, "converted_cases", in_this_process)
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\nkept text\n")
     argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]
@@ -29,6 +38,7 @@ def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: P
         assert ("converted (step)", context, 1) in engines
     assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
     assert record["teacher"] == "measured"  # in a child process per context
+    assert record["converted"] == "measured"  # the same
     int8_bytes = record["weight_bytes_per_token"]["converted (fast, int8)"]
     assert int8_bytes < record["weight_bytes_per_token"]["converted (fast)"] / 2
     teacher_cache = [c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "teacher"]
@@ -40,6 +50,16 @@ def test_bench_writes_json_plots_and_report(converted_folder: Path, text_file: P
     text = report.read_text()
     assert "kept text" in text and "<!-- bench:start -->" in text and "| teacher: decode tok/s |" in text
     assert "decode at 8k / teacher's" in out
+
+
+def test_a_failing_converted_child_is_recorded_not_raised(tmp_path: Path) -> None:
+    lines: list[str] = []
+    settings = BenchSettings(contexts=(8, 16), batches=(1,), steps=1, repeats=1, compile=False)
+    record = run_bench(tmp_path / "missing", "unused", torch.arange(16), settings, teacher_context=0, log=lines.append)
+    assert record["converted"].startswith("converted_cases_from_folder failed (exit 1: ")
+    assert "missing" in record["converted"]  # the child's own error line names the folder
+    assert record["cases"] == [] and record["weight_bytes_per_token"] == {}
+    assert lines.count(record["converted"]) == 1  # logged once; no further context is tried
 
 
 def test_measurement_helpers() -> None:
