@@ -73,6 +73,8 @@ RECIPES = {
             "64",
             "--half-life",
             "512",
+            "--sinks",
+            "4",
             "--transfer-steps",
             "160",
             "--finetune-steps",

@@ -50,6 +50,7 @@ class LinearAttention(nn.Module):
         same function at every position, also beyond the teacher's context (the window keeps order).
     window_logit [H]: sigmoid of it is each head's share of the softmax part (window > 0 only).
     decay: the linear part's per-token forgetting factor in (0, 1) (window > 0 only), or None.
+    sinks: the first `sinks` tokens stay in the softmax part for good (window > 0 only).
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class LinearAttention(nn.Module):
         rotary_features: bool = True,
         chunk_size: int = 64,
         decay: float | None = None,
+        sinks: int = 0,
     ) -> None:
         super().__init__()
         self.projections = projections
@@ -76,6 +78,7 @@ class LinearAttention(nn.Module):
         self.rotary_features = rotary_features
         self.chunk_size = chunk_size
         self.decay = decay
+        self.sinks = sinks
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
             dtype = torch.float32 if weight is None else weight.dtype
@@ -101,7 +104,15 @@ class LinearAttention(nn.Module):
         if self.window == 0:
             return LinearAttentionState.zeros(batch, shape.query_heads, self.feature_dim, shape.head_dim, device)
         return HybridAttentionState.zeros(
-            batch, shape.query_heads, shape.kv_heads, self.feature_dim, shape.head_dim, self.window, dtype, device
+            batch,
+            shape.query_heads,
+            shape.kv_heads,
+            self.feature_dim,
+            shape.head_dim,
+            self.window,
+            dtype,
+            device,
+            self.sinks,
         )
 
     def forward(

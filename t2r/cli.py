@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from t2r.config import DEFAULT_HALF_LIFE, FEATURE_MAPS, FORMS, WEIGHT_FORMATS
+from t2r.config import DEFAULT_HALF_LIFE, DEFAULT_SINKS, FEATURE_MAPS, FORMS, WEIGHT_FORMATS
 from t2r.errors import T2RError, UsageError
 from t2r.train_config import Interrupted, TrainConfig
 
@@ -100,6 +100,14 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         help=f"with a window, a key's linear weight halves every N tokens after it leaves the window "
         f"(default: {DEFAULT_HALF_LIFE}; 0 = never forget)",
     )
+    parser.add_argument(
+        "--sinks",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"with a window, the first N tokens stay in the softmax part for good (attention sinks; "
+        f"default: {DEFAULT_SINKS})",
+    )
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +126,7 @@ def attention_settings(args: argparse.Namespace) -> dict:
     window = 64 if args.window is None else args.window
     return {
         "half_life": args.half_life,  # None: the config's default for the window
+        "sinks": args.sinks,  # the same
         "window": window,
         # Without a window the linear part is the only attention and needs the positions.
         "rotary_features": args.rotary_features or window == 0,
@@ -534,6 +543,7 @@ def run_train(args: argparse.Namespace) -> None:
             args.from_scratch,
             args.window,
             args.half_life,
+            args.sinks,
         )
         if any(flag not in (None, False) for flag in conversion_flags) or args.rotary_features or args.softmax_layers:
             raise UsageError(f"{args.model} is already converted; drop the conversion flags")
@@ -620,7 +630,12 @@ def run_bench(args: argparse.Namespace) -> None:
         reference_step=not args.no_reference_step,
     )
     prompt_ids = bench_prompt_ids(tokenizer, text, max(settings.contexts))
-    record = run_bench(model, spec, prompt_ids, settings, gguf, log=lambda line: print(line, file=sys.stderr))
+    teacher_context = getattr(model.base.config, "max_position_embeddings", None)
+    del model  # each context loads the model afresh in a child process (see t2r.bench.run_bench)
+    folder = Path(args.model).expanduser()  # a converted folder: load_model took it as one
+    record = run_bench(
+        folder, spec, prompt_ids, settings, teacher_context, gguf, log=lambda line: print(line, file=sys.stderr)
+    )
     command = "t2r bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "t2r bench"
     report = None if args.no_report else args.report
     for row in write(record, args.out, report, command):

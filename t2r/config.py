@@ -13,6 +13,8 @@ FORMS = ("parallel", "chunked", "recurrent")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")  # how decoding may store the projections (t2r.quantize)
 # The linear part's half-life in tokens when a window is used and none is given (see T2RConfig).
 DEFAULT_HALF_LIFE = 512
+# Attention sinks kept in the softmax part when a window is used and none are given (see T2RConfig).
+DEFAULT_SINKS = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class T2RConfig:
         tokens after it leaves the window (0: never forgets, the plain LoLCATs sum; None:
         DEFAULT_HALF_LIFE with a window, 0 without). Bounded, the linear state holds as much as it
         held in training at any length, instead of growing with the length.
+    sinks: with a window, the first `sinks` tokens of a sequence stay in the softmax part for good
+        (attention sinks: the teacher parks much of its attention there); None: DEFAULT_SINKS with
+        a window, 0 without. Constant memory: `sinks` keys and values per layer.
     """
 
     feature_map: str = "t2r"
@@ -51,6 +56,7 @@ class T2RConfig:
     rotary_features: bool = False
     softmax_layers: tuple[int, ...] = ()
     half_life: int | None = None
+    sinks: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
@@ -62,6 +68,12 @@ class T2RConfig:
             raise UsageError(f"half life must be >= 0 tokens, got {self.half_life}")
         if self.half_life and not self.window:
             raise UsageError("--half-life needs a window (--window > 0): pure linear attention never forgets")
+        if self.sinks is None:
+            object.__setattr__(self, "sinks", DEFAULT_SINKS if self.window else 0)
+        if self.sinks < 0:
+            raise UsageError(f"sinks must be >= 0 tokens, got {self.sinks}")
+        if self.sinks and not self.window:
+            raise UsageError("--sinks needs a window (--window > 0): sinks are softmax slots beside the window")
         if any(index < 0 for index in self.softmax_layers):
             raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:
@@ -84,6 +96,7 @@ class T2RConfig:
         values.setdefault("window", 0)
         values.setdefault("rotary_features", True)
         values.setdefault("half_life", 0)
+        values.setdefault("sinks", 0)
         values["softmax_layers"] = tuple(values.get("softmax_layers", ()))
         return cls(**values)
 

@@ -73,6 +73,7 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
             rotary_features=config.rotary_features,
             chunk_size=config.chunk_size,
             decay=config.decay(),
+            sinks=config.sinks,
         )
         adapter.set_attention(layer, attention.to(device=parameter.device))
     return T2RForCausalLM(teacher, adapter, config).eval()

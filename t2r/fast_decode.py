@@ -27,8 +27,10 @@ from t2r.state import HybridAttentionState, KVCacheState, LinearAttentionState, 
 class RingWindow:
     """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
 
-    kv [B, H, F, D], k_sum [B, H, F] fp32; keys, values, linear_keys [B, G, W, D]; valid [B, W].
-    Slot order is a ring: `FastState.next_slot` is the oldest slot, the next to be overwritten.
+    kv [B, H, F, D], k_sum [B, H, F] fp32; keys, values [B, G, S + W, D] and valid [B, S + W]: the
+    S sink slots first, then the W window slots, so that one product scores both without a copy;
+    linear_keys [B, G, W, D] (the window slots only).
+    The window slots are a ring: `FastState.next_slot` is the oldest, the next to be overwritten.
     """
 
     kv: torch.Tensor
@@ -37,6 +39,11 @@ class RingWindow:
     values: torch.Tensor
     linear_keys: torch.Tensor
     valid: torch.Tensor
+    sinks: int
+
+    def select(self, index: torch.Tensor) -> RingWindow:
+        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid)
+        return RingWindow(*(x[index] for x in tensors), self.sinks)
 
 
 LayerFastState = RingWindow | LinearAttentionState | KVCacheState
@@ -67,10 +74,11 @@ class FastState:
                     RingWindow(
                         layer.linear.kv.clone(),
                         layer.linear.k_sum.clone(),
-                        layer.keys.clone(),
-                        layer.values.clone(),
+                        torch.cat([layer.sink_keys, layer.keys], 2),
+                        torch.cat([layer.sink_values, layer.values], 2),
                         layer.linear_keys.clone(),
-                        layer.valid.clone(),
+                        torch.cat([layer.sink_valid, layer.valid], 1),
+                        layer.sinks,
                     )
                 )
             elif isinstance(layer, LinearAttentionState):
@@ -88,13 +96,17 @@ class FastState:
                 def ordered(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
                     return torch.roll(x, -int(self.next_slot), dims=dim)
 
+                sinks = layer.sinks
                 layers.append(
                     HybridAttentionState(
                         LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()),
-                        ordered(layer.keys),
-                        ordered(layer.values),
+                        ordered(layer.keys[:, :, sinks:]),
+                        ordered(layer.values[:, :, sinks:]),
                         ordered(layer.linear_keys),
-                        ordered(layer.valid, 1),
+                        ordered(layer.valid[:, sinks:], 1),
+                        layer.keys[:, :, :sinks].clone(),
+                        layer.values[:, :, :sinks].clone(),
+                        layer.valid[:, :sinks].clone(),
                     )
                 )
             elif isinstance(layer, LinearAttentionState):
@@ -110,10 +122,7 @@ class FastState:
         """Keep the rows in `index` (sequences that finished leave the batch)."""
         layers: list[LayerFastState] = []
         for layer in self.layers:
-            if isinstance(layer, RingWindow):
-                layers.append(RingWindow(*(getattr(layer, f)[index] for f in RingWindow.__dataclass_fields__)))
-            else:
-                layers.append(layer.select(index))
+            layers.append(layer.select(index))
         return FastState(layers, self.seen[index], self.next_slot.clone())
 
 
@@ -150,29 +159,42 @@ def _hybrid_step(
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
+    sinks = ring.sinks
+    window_slot = slot + sinks if sinks else slot  # the slot in keys / values / valid
     # 1. Evict: phi(oldest linear key) (x) its value into the linear state (only valid slots).
     leaving_key = ring.linear_keys.index_select(2, slot)  # [B, G, 1, D]
     leaving_key = leaving_key.repeat_interleave(groups, 1) if groups > 1 else leaving_key
     phi_leaving = attention.key_map()(leaving_key.to(k_features.dtype))[:, :, 0].float()  # [B, H, F]
-    phi_leaving = phi_leaving * ring.valid.index_select(1, slot)[:, :, None]
-    leaving_value = ring.values.index_select(2, slot)[:, :, 0].float()
+    phi_leaving = phi_leaving * ring.valid.index_select(1, window_slot)[:, :, None]
+    leaving_value = ring.values.index_select(2, window_slot)[:, :, 0].float()
     leaving_value = leaving_value.repeat_interleave(groups, 1) if groups > 1 else leaving_value
     if attention.decay is not None:  # the linear state forgets once per step (ops.windowed)
         ring.kv.mul_(attention.decay)
         ring.k_sum.mul_(attention.decay)
     ring.kv.addcmul_(phi_leaving.unsqueeze(-1), leaving_value.unsqueeze(-2))
     ring.k_sum.add_(phi_leaving)
-    # 2. The new token takes the slot.
-    ring.keys.index_copy_(2, slot, k[:, :, None])
-    ring.values.index_copy_(2, slot, v[:, :, None])
+    # 2. The new token takes the slot; while a row has fewer than S sinks, it is a sink instead
+    #    (its window slot stays invalid: counted once, never evicted into the linear state).
+    ring.keys.index_copy_(2, window_slot, k[:, :, None])
+    ring.values.index_copy_(2, window_slot, v[:, :, None])
     ring.linear_keys.index_copy_(2, slot, k_features[:, :, None])
-    ring.valid.index_fill_(1, slot, True)
-    # 3. Softmax over the window: query heads grouped by their key/value head, no repeat.
+    if sinks:
+        sink_valid = ring.valid[:, :sinks]  # a view: written in place
+        filled = sink_valid.sum(1, keepdim=True)  # [B, 1]
+        place = torch.arange(sinks, device=filled.device)[None, :] == filled  # [B, S]; none once full
+        for part, new in ((ring.keys[:, :, :sinks], k), (ring.values[:, :, :sinks], v)):
+            part.copy_(torch.where(place[:, None, :, None], new[:, :, None], part))
+        sink_valid.logical_or_(place)
+        ring.valid.index_copy_(1, window_slot, filled >= sinks)
+    else:
+        ring.valid.index_fill_(1, window_slot, True)
+    # 3. Softmax over the sinks and the window: query heads grouped by their key/value head, no repeat.
     scale = attention.adapter.softmax_scale(attention.projections)
     q_grouped = q.float().view(batch, kv_heads, groups, head_dim)
-    scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale  # [B, G, groups, W]
-    scores = scores.masked_fill(~ring.valid[:, None, None, :], torch.finfo(scores.dtype).min)
-    weights = (scores - scores.amax(-1, keepdim=True)).exp() * ring.valid[:, None, None, :]
+    valid = ring.valid[:, None, None, :]
+    scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale  # [B, G, groups, S + W]
+    scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+    weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
     window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
     window_den = weights.sum(-1).view(batch, heads)
     # 4. Linear part from the state (the evicted key included).
@@ -217,7 +239,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
 
         hidden = adapter.block(layer, hidden, attend)
         if isinstance(layer_state, RingWindow):
-            window = layer_state.keys.shape[2]
+            window = layer_state.linear_keys.shape[2]
     state.seen += 1
     if window:
         state.next_slot.add_(1).remainder_(window)

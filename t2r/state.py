@@ -42,15 +42,20 @@ class LinearAttentionState:
 
 @dataclass(frozen=True)
 class HybridAttentionState:
-    """State of one hybrid layer: exact softmax over the last W tokens, linear attention before.
+    """State of one hybrid layer: exact softmax over the first S and the last W tokens, linear
+    attention for the rest.
 
     linear:      LinearAttentionState over every token older than the window (query heads)
     keys:        [B, G, W, D] the last W keys as the softmax sees them (positions applied), G = kv heads
     values:      [B, G, W, D]
     linear_keys: [B, G, W, D] the same keys as the key feature map sees them; phi of the oldest one
                  enters `linear` when a new token pushes it out of the window
-    valid:       [B, W] bool, False for an empty slot or a padded token
-    Slots are in time order, oldest first.
+    valid:       [B, W] bool, False for an empty slot, a padded token or a sink (which the sink
+                 slots hold: it never enters `linear`)
+    sink_keys:   [B, G, S, D] the first S real tokens' keys (attention sinks, kept for good)
+    sink_values: [B, G, S, D]
+    sink_valid:  [B, S] bool, True once the slot holds a token (slots fill in order)
+    Window slots are in time order, oldest first.
     """
 
     linear: LinearAttentionState
@@ -58,6 +63,9 @@ class HybridAttentionState:
     values: torch.Tensor
     linear_keys: torch.Tensor
     valid: torch.Tensor
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    sink_valid: torch.Tensor
 
     @classmethod
     def zeros(
@@ -70,33 +78,39 @@ class HybridAttentionState:
         window: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        sinks: int = 0,
     ) -> HybridAttentionState:
-        def empty() -> torch.Tensor:
-            return torch.zeros(batch, kv_heads, window, head_dim, dtype=dtype, device=device)
+        def empty(slots: int) -> torch.Tensor:
+            return torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
 
         return cls(
             linear=LinearAttentionState.zeros(batch, heads, feature_dim, head_dim, device),
-            keys=empty(),
-            values=empty(),
-            linear_keys=empty(),
+            keys=empty(window),
+            values=empty(window),
+            linear_keys=empty(window),
             valid=torch.zeros(batch, window, dtype=torch.bool, device=device),
+            sink_keys=empty(sinks),
+            sink_values=empty(sinks),
+            sink_valid=torch.zeros(batch, sinks, dtype=torch.bool, device=device),
         )
 
     @property
     def window(self) -> int:
         return self.keys.shape[2]
 
+    @property
+    def sinks(self) -> int:
+        return self.sink_keys.shape[2]
+
     def nbytes(self) -> int:
         window = self.keys.nbytes + self.values.nbytes + self.linear_keys.nbytes + self.valid.nbytes
-        return self.linear.nbytes() + window
+        sinks = self.sink_keys.nbytes + self.sink_values.nbytes + self.sink_valid.nbytes
+        return self.linear.nbytes() + window + sinks
 
     def select(self, index: torch.Tensor) -> HybridAttentionState:
         return HybridAttentionState(
             self.linear.select(index),
-            self.keys[index],
-            self.values[index],
-            self.linear_keys[index],
-            self.valid[index],
+            *(getattr(self, name)[index] for name in self.__dataclass_fields__ if name != "linear"),
         )
 
 

@@ -18,11 +18,13 @@ def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def assert_fast_path_matches_reference(model: torch.nn.Module, step, steps: int = 12) -> None:
-    """`step(model, ids, fast_state)` against `model.step` from a prefilled, left-padded batch."""
+def assert_fast_path_matches_reference(model: torch.nn.Module, step, steps: int = 12, prefix: int = 17) -> None:
+    """`step(model, ids, fast_state)` against `model.step` from a prefilled, left-padded batch.
+
+    The padded row has prefix - 13 real tokens: 17 fills the tiny models' 3 sinks in the prefill."""
     ids, mask = left_padded_batch()
     with torch.no_grad():
-        _, state = model(ids[:, :17], mask[:, :17], form="chunked")
+        _, state = model(ids[:, :prefix], mask[:, :prefix], form="chunked")
         fast = FastState.from_model_state(state)
         generator = torch.Generator().manual_seed(5)
         for _ in range(steps):
@@ -42,6 +44,12 @@ def assert_fast_path_matches_reference(model: torch.nn.Module, step, steps: int 
 def test_fast_step_matches_reference_step(family: str, window: int, softmax_layers: tuple[int, ...]) -> None:
     model = converted(family, "hedgehog", tie_qk=False, window=window, softmax_layers=softmax_layers)
     assert_fast_path_matches_reference(trained_looking(model), fast_step)  # 12 steps > window: the ring wraps
+
+
+def test_fast_step_fills_the_sinks_a_short_prompt_left_empty() -> None:
+    """Row 1 has one real token after the prefill: its next two tokens become sinks in the fast step."""
+    model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
+    assert_fast_path_matches_reference(model, fast_step, prefix=14)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ def converted(family: str, feature_map: str = "t2r", **kwargs) -> torch.nn.Modul
     kwargs.setdefault("window", 5)
     kwargs.setdefault("rotary_features", kwargs["window"] == 0)
     kwargs.setdefault("half_life", 3 if kwargs["window"] else 0)  # forgets fast: the decay is tested
+    kwargs.setdefault("sinks", 3 if kwargs["window"] else 0)  # left padding puts row 1's sinks later
     return convert(tiny_model(family), T2RConfig(feature_map=feature_map, chunk_size=16, **kwargs))
 
 
@@ -34,7 +35,8 @@ def state_tensors(layer_state) -> list[torch.Tensor]:
     """Every tensor of one layer's state (linear, hybrid or KV cache), in a fixed order."""
     if isinstance(layer_state, HybridAttentionState):
         linear = layer_state.linear
-        return [linear.kv, linear.k_sum, layer_state.keys, layer_state.values, layer_state.linear_keys]
+        window = [layer_state.keys, layer_state.values, layer_state.linear_keys]
+        return [linear.kv, linear.k_sum, *window, layer_state.sink_keys, layer_state.sink_values]
     if isinstance(layer_state, KVCacheState):
         return [layer_state.keys, layer_state.values]
     return [layer_state.kv, layer_state.k_sum]
@@ -100,12 +102,21 @@ def test_non_attention_weights_stay_bit_identical(family: str) -> None:
 @torch.no_grad()
 def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str, window: int) -> None:
     model = converted(family, feature_map, tie_qk=feature_map != "hedgehog", window=window)
+    assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+
+
+@torch.no_grad()
+def test_decode_fills_the_sinks_a_short_prompt_left_empty() -> None:
+    """Row 1 has one real token in the prefill; decoding takes its next two tokens as sinks."""
+    assert_prefill_then_decode_equals_full_forward(converted("qwen2", "hedgehog", tie_qk=False), prefix=14)
+
+
+def assert_prefill_then_decode_equals_full_forward(model: torch.nn.Module, prefix: int) -> None:
     ids, mask = left_padded_batch()
     full, full_state = model(ids, mask, form="parallel")
     chunked, _ = model(ids, mask, form="chunked")
     assert (chunked - full)[mask.bool()].abs().max() <= TOLERANCE
 
-    prefix = 17
     logits, state = model(ids[:, :prefix], mask[:, :prefix], form="chunked")
     steps = [logits]
     for t in range(prefix, ids.shape[1]):

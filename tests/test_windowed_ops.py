@@ -19,8 +19,11 @@ SCALE = D**-0.5
 DECAY = torch.tensor([0.9, 0.7, 0.99, 1.0])  # per head, one of them not forgetting at all
 
 
-def make_case(length: int, window: int, seed: int = 0):
-    """Inputs as the attention module makes them, a non-empty initial state, padding in row 1."""
+def make_case(length: int, window: int, seed: int = 0, sinks: int = 0):
+    """Inputs as the attention module makes them, a non-empty initial state, padding in row 1.
+
+    With sinks, row 0 already holds one sink and row 1 none: the new tokens fill the rest (in row 1
+    after its padding)."""
     generator = torch.Generator().manual_seed(seed)
     phi = build_feature_map("hedgehog", H, D, 6, generator)
     with torch.no_grad():
@@ -41,28 +44,45 @@ def make_case(length: int, window: int, seed: int = 0):
         randn(B, G, window, D),
         randn(B, G, window, D),
         randn(B, G, window, D),
+        randn(B, G, sinks, D),
+        randn(B, G, sinks, D),
     ]
+    sink_valid = torch.zeros(B, sinks, dtype=torch.bool)
+    sink_valid[0, :1] = True
+    with torch.no_grad():  # an empty sink slot holds zeros (the ops add the new sinks into it)
+        for part in state_parts[-2:]:
+            part.mul_(sink_valid[:, None, :, None])
     tensors = [randn(B, H, length, D), randn(B, G, length, D), randn(B, G, length, D)]
     linear_q, linear_k = randn(B, H, length, D), randn(B, G, length, D)
     share = torch.rand(H, generator=generator) * 0.8 + 0.1
     leaves = [x.clone().requires_grad_(True) for x in [*tensors, linear_q, linear_k, *state_parts, share]]
-    return phi, leaves, valid, window_valid
+    return phi, leaves, valid, (window_valid, sink_valid)
+
+
+def initial_state(leaves, valids) -> HybridAttentionState:
+    kv, k_sum, keys, values, linear_keys, sink_keys, sink_values = leaves[5:12]
+    window_valid, sink_valid = valids
+    return HybridAttentionState(
+        LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid, sink_keys, sink_values, sink_valid
+    )
 
 
 def run(op, case, decay: torch.Tensor | None = None):
-    phi, leaves, valid, window_valid = case
-    q, k, v, linear_q, linear_k, kv, k_sum, keys, values, linear_keys, share = leaves
-    state = HybridAttentionState(LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid)
+    phi, leaves, valid, valids = case
+    q, k, v, linear_q, linear_k, *_, share = leaves
+    state = initial_state(leaves, valids)
     out, final = op(
         q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
     )
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     loss = (out * weights).sum() + final.linear.kv.mean() + (final.linear.k_sum + 1).log().sum()
     loss = loss + (final.keys * 0.5 + final.values * 0.25 + final.linear_keys).sum()
+    loss = loss + (final.sink_keys * 0.3 - final.sink_values * 0.7).sum()
     parameters = list(phi.parameters())
-    grads = torch.autograd.grad(loss, [*leaves, *parameters])
+    grads = torch.autograd.grad(loss, [*leaves, *parameters], allow_unused=True, materialize_grads=True)
     states = [final.linear.kv, final.linear.k_sum, final.keys, final.values, final.linear_keys]
-    return out.detach(), [s.detach() for s in states], final.valid, grads
+    states += [final.sink_keys, final.sink_values]
+    return out.detach(), [s.detach() for s in states], (final.valid, final.sink_valid), grads
 
 
 FORMS = {
@@ -76,23 +96,27 @@ FORMS = {
 @pytest.mark.parametrize("window", [1, 4, 64])
 @pytest.mark.parametrize("length", [1, 7, 63, 65, 150])
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
-def test_forms_match_reference(form: str, window: int, length: int, decay: torch.Tensor | None) -> None:
-    expected = run(windowed_attention, make_case(length, window), decay)
-    got = run(FORMS[form], make_case(length, window), decay)
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+def test_forms_match_reference(form: str, window: int, length: int, decay: torch.Tensor | None, sinks: int) -> None:
+    expected = run(windowed_attention, make_case(length, window, sinks=sinks), decay)
+    got = run(FORMS[form], make_case(length, window, sinks=sinks), decay)
     assert_close(got[0], expected[0], "output")
-    for name, a, b in zip(["kv", "k_sum", "keys", "values", "linear_keys"], got[1], expected[1], strict=True):
+    names = ["kv", "k_sum", "keys", "values", "linear_keys", "sink_keys", "sink_values"]
+    for name, a, b in zip(names, got[1], expected[1], strict=True):
         assert_close(a, b, f"final {name}")
-    assert torch.equal(got[2], expected[2])
+    assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2], strict=True))
     for index, (a, b) in enumerate(zip(got[3], expected[3], strict=True)):
         assert_close(a, b, f"gradient {index}", tolerance=1e-4)
 
 
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
-def test_split_sequence_equals_whole(decay: torch.Tensor | None) -> None:
-    """Prefill in pieces (chunked, then parallel) carries the window and the linear state exactly."""
-    phi, leaves, valid, window_valid = make_case(40, 6)
-    q, k, v, linear_q, linear_k, kv, k_sum, keys, values, linear_keys, share = (x.detach() for x in leaves)
-    state = HybridAttentionState(LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid)
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+def test_split_sequence_equals_whole(decay: torch.Tensor | None, sinks: int) -> None:
+    """Prefill in pieces (chunked, then parallel) carries the window, sinks and linear state exactly."""
+    phi, leaves, valid, valids = make_case(40, 6, sinks=sinks)
+    leaves = [x.detach() for x in leaves]
+    q, k, v, linear_q, linear_k, *_, share = leaves
+    state = initial_state(leaves, valids)
     kwargs = {"feature_map_k": phi, "window_share": share, "scale": SCALE, "decay": decay}
     phi_q = phi(linear_q)
     whole, whole_state = windowed_attention(q, k, v, phi_q, linear_k, valid, state, **kwargs)
@@ -108,18 +132,22 @@ def test_split_sequence_equals_whole(decay: torch.Tensor | None) -> None:
     assert_close(end.linear.kv.detach(), whole_state.linear.kv.detach(), "kv")
     assert_close(end.linear.k_sum.detach(), whole_state.linear.k_sum.detach(), "k_sum")
     assert torch.equal(end.keys, whole_state.keys) and torch.equal(end.valid, whole_state.valid)
+    assert_close(end.sink_keys, whole_state.sink_keys, "sink keys")
+    assert torch.equal(end.sink_valid, whole_state.sink_valid)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
-def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None) -> None:
-    """out_t = (g sum_window a_s v_s + (1-g) sum_older lambda^(t-W-s) l_s v_s) / (the same without v),
-    from an empty state, written with Python loops over one head."""
+@pytest.mark.parametrize("sinks", [0, 2], ids=["no-sinks", "sinks"])
+def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None, sinks: int) -> None:
+    """out_t = (g sum_soft a_s v_s + (1-g) sum_older lambda^(t-W-s) l_s v_s) / (the same without v),
+    soft = the window and the first `sinks` tokens, from an empty state, written with Python loops
+    over one head."""
     window, length = 4, 11
     phi, leaves, _, _ = make_case(length, window)
     q, k, v, linear_q, linear_k, *_, share = leaves
     valid = torch.ones(B, length, dtype=torch.bool)
-    state = HybridAttentionState.zeros(B, H, G, phi.out_dim, D, window)
+    state = HybridAttentionState.zeros(B, H, G, phi.out_dim, D, window, sinks=sinks)
     out, _ = windowed_attention(
         q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
     )
@@ -127,11 +155,11 @@ def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None
     forget = 1.0 if decay is None else float(decay[h])
     kv_head = h // (H // G)
     for t in range(length):
-        in_window = range(max(0, t - window + 1), t + 1)
-        peak = max(float(q[b, h, t] @ k[b, kv_head, s]) * SCALE for s in in_window)
+        in_softmax = set(range(max(0, t - window + 1), t + 1)) | set(range(min(sinks, t + 1)))
+        peak = max(float(q[b, h, t] @ k[b, kv_head, s]) * SCALE for s in in_softmax)
         numerator, denominator = torch.zeros(D), 0.0
         for s in range(t + 1):
-            if s in in_window:
+            if s in in_softmax:
                 weight = share[h] * torch.exp(q[b, h, t] @ k[b, kv_head, s] * SCALE - peak)
             else:
                 phi_q = phi(linear_q[b : b + 1, :, t : t + 1])[0, h, 0]

@@ -1,10 +1,11 @@
-"""The specification of hybrid attention: exact softmax over a sliding window, linear attention before.
+"""The specification of hybrid attention: exact softmax over a sliding window (and a few sinks),
+linear attention before.
 
 For a query at position t, keys at t-W+1 .. t (the window, the query's own token included) are
 weighted by softmax scores and every older key by linear-attention scores, in one normalised sum
 (LoLCATs, Zhang et al. 2024):
 
-    a_s = exp(q_t . k_s * scale - m_t)        s in the window, m_t = max over the window
+    a_s = exp(q_t . k_s * scale - m_t)        s in the window or a sink, m_t = max over those
     l_s = phi(q_t) . phi(k_s)                 s older than the window (and the linear state)
     out_t = (g * sum a_s v_s + (1 - g) * sum l_s v_s) / (g * sum a_s + (1 - g) * sum l_s + eps)
 
@@ -15,21 +16,32 @@ bounded (at most 1 / (1 - lambda) keys' worth) at any length, as it is in traini
 growing with every token while the window's stays at W. The window counts token slots: a padded slot sits in it but is
 masked, which with left or right padding is the same as "the last W real tokens".
 
-The state (`HybridAttentionState`) holds the last W keys and values, in time order, and the linear
-state of everything older: its size never grows. All forms here and in `windowed_chunked` share
+Sinks (S >= 0 slots): the first S real tokens of a sequence stay in the softmax part for good
+(StreamingLLM's attention sinks, Xiao et al. 2023): pretrained models park much of their
+attention on the first tokens, which a window loses after W tokens and a forgetting linear state
+after a few half-lives. A sink sits in its window slot as an invalid slot (so it is counted once
+and never enters the linear state) and in a sink slot of the state.
+
+The state (`HybridAttentionState`) holds the sinks, the last W keys and values, in time order, and
+the linear state of everything older: its size never grows. All forms here and in
+`windowed_chunked` share
 
     op(q, k, v, phi_q, linear_keys, valid, initial_state, *, feature_map_k, window_share, scale, eps,
-       decay) -> (out, final_state)
+       decay, sink_queries) -> (out, final_state)
 
 q [B, H, T, D] and k, v [B, G, T, D] are what the softmax sees (positions applied; G kv heads, H a
 multiple of G); phi_q [B, H, T, F] and linear_keys [B, G, T, D] are what the linear part sees;
 feature_map_k maps keys [B, H, S, D] -> [B, H, S, F]; valid [B, T] bool; window_share [H] in (0, 1);
-decay [H] in (0, 1] or None.
+decay [H] in (0, 1] or None. The number of sinks is the state's (`initial_state.sinks`).
+sink_queries (q's shape, or None = q) score the sinks: past the teacher's context the model passes
+the queries rotated at its last position, so that a sink is never further from a query than the
+teacher has seen (the window's offsets stay below W anyway).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -103,6 +115,61 @@ def masked_softmax_weights(scores: torch.Tensor, allowed: torch.Tensor) -> torch
     return torch.where(allowed, (masked - peak).exp(), torch.zeros((), dtype=scores.dtype, device=scores.device))
 
 
+@dataclass(frozen=True)
+class Sinks:
+    """The sinks after T new tokens, and which new tokens are sinks.
+
+    keys, values [B, G, S, D]; valid [B, S]; visible_from [B, S]: the first new token (0..T-1)
+    whose query sees sink slot s (-1 for a sink from before, T for a slot still empty);
+    window_valid [B, T]: the new tokens' validity as window slots (real and not a sink).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    visible_from: torch.Tensor
+    window_valid: torch.Tensor
+
+    def visible(self, query_index: torch.Tensor) -> torch.Tensor:
+        """query_index [...] (0-based new-token indices) -> [B, ..., S] bool."""
+        shape = (self.valid.shape[0], *[1] * query_index.dim(), self.valid.shape[1])
+        return query_index[None, ..., None] >= self.visible_from.view(shape)
+
+
+def take_sinks(state: HybridAttentionState, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> Sinks:
+    """The first S real tokens of each row become sinks: k, v [B, G, T, D], valid [B, T] bool.
+
+    A row's real tokens are ranked after the sinks it already has; slot j takes the rank-(j + 1)
+    token, written by a one-hot product (differentiable, no data-dependent indexing).
+    """
+    sinks, length = state.sinks, valid.shape[1]
+    rank = state.sink_valid.sum(1, keepdim=True) + valid.long().cumsum(1)  # [B, T], 1-based
+    is_sink = valid & (rank <= sinks)
+    place = is_sink[:, :, None] & (rank[:, :, None] - 1 == torch.arange(sinks, device=k.device))  # [B, T, S]
+    weights = place.to(state.sink_keys.dtype)
+    taken = place.any(1)  # [B, S]
+    first = (place * torch.arange(length, device=k.device)[:, None]).sum(1)  # [B, S]
+    never = torch.full_like(first, length)
+    return Sinks(
+        keys=state.sink_keys + torch.einsum("bts,bgtd->bgsd", weights, k.to(weights.dtype)),
+        values=state.sink_values + torch.einsum("bts,bgtd->bgsd", weights, v.to(weights.dtype)),
+        valid=state.sink_valid | taken,
+        visible_from=torch.where(state.sink_valid, -1, torch.where(taken, first, never)),
+        window_valid=valid & ~is_sink,
+    )
+
+
+def softmax_with_sinks(
+    scores: torch.Tensor, allowed: torch.Tensor, sink_scores: torch.Tensor, sink_allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised softmax weights of window [..., K] and sink [..., S] keys under one stabiliser."""
+    both = masked_softmax_weights(
+        torch.cat([scores, sink_scores], -1),
+        torch.cat([allowed, sink_allowed], -1).expand(*scores.shape[:-1], -1),
+    )
+    return both.split([scores.shape[-1], sink_scores.shape[-1]], dim=-1)
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,6 +184,7 @@ def windowed_attention(
     scale: float,
     eps: float = 1e-6,
     decay: torch.Tensor | None = None,
+    sink_queries: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Parallel (quadratic) form over the window slots of the state followed by the T new tokens.
 
@@ -124,11 +192,12 @@ def windowed_attention(
     """
     state = initial_state
     heads, length, window = q.shape[1], q.shape[2], state.window
+    sinks = take_sinks(state, k, v, valid.bool())
     # One sequence of S = W + T slots: the state's window (indices 0..W-1), then the new tokens.
     keys = torch.cat([state.keys, k.to(state.keys.dtype)], dim=2)
     values = torch.cat([state.values, v.to(state.values.dtype)], dim=2)
     all_linear_keys = torch.cat([state.linear_keys, linear_keys.to(state.linear_keys.dtype)], dim=2)
-    all_valid = torch.cat([state.valid, valid.bool()], dim=1)  # [B, S]
+    all_valid = torch.cat([state.valid, sinks.window_valid], dim=1)  # [B, S]
     values_h = repeat_heads(values, heads).float()  # [B, H, S, D]
     phi_k = key_features(all_linear_keys, all_valid, feature_map_k, heads)  # [B, H, S, F]
 
@@ -139,7 +208,10 @@ def windowed_attention(
     key_ok = all_valid[:, None, None, :]  # [B, 1, 1, S]
 
     scores = torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale
-    soft = masked_softmax_weights(scores, causal & in_window & key_ok)  # [B, H, T, S]
+    sink_q = q if sink_queries is None else sink_queries
+    sink_scores = torch.einsum("bhtd,bhsd->bhts", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
+    sink_ok = sinks.visible(torch.arange(length, device=q.device))[:, None]  # [B, 1, T, S]
+    soft, soft_sink = softmax_with_sinks(scores, causal & in_window & key_ok, sink_scores, sink_ok)
     lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), phi_k) * (causal & ~in_window)
     from_state = torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), state.linear.kv)
     from_state_den = torch.einsum("bhtf,bhf->bht", phi_q.float(), state.linear.k_sum)
@@ -149,8 +221,8 @@ def windowed_attention(
         state_weight = decay_powers(decay, torch.arange(1, length + 1, device=q.device))  # [H, T]
         from_state, from_state_den = from_state * state_weight[..., None], from_state_den * state_weight
     out = combine(
-        soft @ values_h,
-        soft.sum(-1),
+        soft @ values_h + soft_sink @ repeat_heads(sinks.values, heads).float(),
+        soft.sum(-1) + soft_sink.sum(-1),
         lin @ values_h + from_state,
         lin.sum(-1) + from_state_den,
         window_share,
@@ -164,6 +236,9 @@ def windowed_attention(
         values=values[:, :, length:],
         linear_keys=all_linear_keys[:, :, length:],
         valid=all_valid[:, length:],
+        sink_keys=sinks.keys,
+        sink_values=sinks.values,
+        sink_valid=sinks.valid,
     )
     return out.to(v.dtype), final_state
 
@@ -182,6 +257,7 @@ def windowed_attention_step(
     scale: float,
     eps: float = 1e-6,
     decay: torch.Tensor | None = None,
+    sink_queries: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """One token: q [B, H, D], k, v, linear_keys [B, G, D], phi_q [B, H, F], valid [B].
 
@@ -190,24 +266,37 @@ def windowed_attention_step(
     Returns out [B, H, D] and the next state.
     """
     heads = q.shape[1]
+    sinks = take_sinks(state, k[:, :, None], v[:, :, None], valid.bool()[:, None])
     leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, heads)[:, :, 0]
     leaving_value = repeat_heads(state.values[:, :, :1], heads)[:, :, 0].float()  # [B, H, D]
     linear = decayed_final_linear(state.linear, leaving[:, :, None], leaving_value[:, :, None], decay)
     keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
     values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
-    window_valid = torch.cat([state.valid[:, 1:], valid.bool()[:, None]], dim=1)  # [B, W]
+    window_valid = torch.cat([state.valid[:, 1:], sinks.window_valid], dim=1)  # [B, W]
     new_linear_keys = linear_keys[:, :, None].to(state.linear_keys.dtype)
     next_state = HybridAttentionState(
-        linear, keys, values, torch.cat([state.linear_keys[:, :, 1:], new_linear_keys], dim=2), window_valid
+        linear,
+        keys,
+        values,
+        torch.cat([state.linear_keys[:, :, 1:], new_linear_keys], dim=2),
+        window_valid,
+        sinks.keys,
+        sinks.values,
+        sinks.valid,
     )
 
     values_h = repeat_heads(values, heads).float()  # [B, H, W, D]
     scores = torch.einsum("bhd,bhwd->bhw", q.float(), repeat_heads(keys, heads).float()) * scale
-    soft = masked_softmax_weights(scores, window_valid[:, None, :])  # [B, H, W]
+    sink_q = q if sink_queries is None else sink_queries
+    sink_scores = torch.einsum("bhd,bhsd->bhs", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
+    soft, soft_sink = softmax_with_sinks(scores, window_valid[:, None, :], sink_scores, sinks.valid[:, None, :])
+    sink_values = repeat_heads(sinks.values, heads).float()
     qf = phi_q.float()
     out = combine(
-        torch.einsum("bhw,bhwd->bhd", soft, values_h)[:, :, None],
-        soft.sum(-1)[:, :, None],
+        (torch.einsum("bhw,bhwd->bhd", soft, values_h) + torch.einsum("bhs,bhsd->bhd", soft_sink, sink_values))[
+            :, :, None
+        ],
+        (soft.sum(-1) + soft_sink.sum(-1))[:, :, None],
         torch.einsum("bhf,bhfd->bhd", qf, linear.kv)[:, :, None],
         torch.einsum("bhf,bhf->bh", qf, linear.k_sum)[:, :, None],
         window_share,
@@ -224,14 +313,17 @@ def recurrent_windowed_attention(
     linear_keys: torch.Tensor,
     valid: torch.Tensor,
     initial_state: HybridAttentionState,
+    sink_queries: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """The recurrent form over a sequence: `windowed_attention_step` looped over time."""
     state = initial_state
     outputs = []
     for t in range(q.shape[2]):
+        sink_q = None if sink_queries is None else sink_queries[:, :, t]
         out, state = windowed_attention_step(
-            q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], linear_keys[:, :, t], valid[:, t], state, **kwargs
-        )
+            q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], linear_keys[:, :, t], valid[:, t], state,
+            sink_queries=sink_q, **kwargs,
+        )  # fmt: skip
         outputs.append(out)
     return torch.stack(outputs, dim=2), state

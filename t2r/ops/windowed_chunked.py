@@ -8,7 +8,8 @@ per-chunk states); the C + W slots nC .. nC + C + W - 1 are scored locally, each
 query's window (softmax), older (linear) or in its future (masked). Same signature as the reference.
 With a decay, chunk n's prefix state is the state after nC steps (P_n, built by a matrix over
 chunks, O(N^2) in the number of chunks but tiny next to the rest), read by query c of the chunk
-with weight decay^(c + 1); a local older slot j counts decay^(c - j).
+with weight decay^(c + 1); a local older slot j counts decay^(c - j). The S sinks are scored by
+every query (masked until the sink's token has come), under the same stabiliser as the window.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from t2r.ops.windowed import (
     decay_powers,
     decayed_final_linear,
     key_features,
-    masked_softmax_weights,
     repeat_heads,
+    softmax_with_sinks,
+    take_sinks,
 )
 from t2r.state import HybridAttentionState
 
@@ -48,6 +50,7 @@ def chunked_windowed_attention(
     eps: float = 1e-6,
     decay: torch.Tensor | None = None,
     chunk_size: int = 64,
+    sink_queries: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Shapes as in `ops.windowed.windowed_attention`; returns out [B, H, T, D] and the final state."""
     state = initial_state
@@ -59,10 +62,11 @@ def chunked_windowed_attention(
     def slots(before: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return F.pad(torch.cat([before, new.to(before.dtype)], dim=2), (0, 0, 0, pad))
 
+    sinks = take_sinks(state, k, v, valid.bool())
     keys = slots(state.keys, k)  # [B, G, W + NC, D]
     values = slots(state.values, v)
     all_linear_keys = slots(state.linear_keys, linear_keys)
-    all_valid = F.pad(torch.cat([state.valid, valid.bool()], dim=1), (0, pad))  # [B, W + NC]
+    all_valid = F.pad(torch.cat([state.valid, sinks.window_valid], dim=1), (0, pad))  # [B, W + NC]
     values_h = repeat_heads(values, heads).float()  # [B, H, W + NC, D]
     phi_k = key_features(all_linear_keys, all_valid, feature_map_k, heads)  # [B, H, W + NC, F]
     feature_dim = phi_k.shape[-1]
@@ -109,7 +113,11 @@ def chunked_windowed_attention(
     older = slot <= c
 
     scores = torch.einsum("bhncd,bhnsd->bhncs", qc, local_keys) * scale
-    soft = masked_softmax_weights(scores, in_window & local_valid[:, None, :, None, :])
+    sink_qc = qc if sink_queries is None else per_chunk(sink_queries)
+    sink_scores = torch.einsum("bhncd,bhsd->bhncs", sink_qc, repeat_heads(sinks.keys, heads).float()) * scale
+    query_index = torch.arange(chunks * size, device=q.device).view(chunks, size)
+    sink_ok = sinks.visible(query_index)[:, None]  # [B, 1, N, C, S]
+    soft, soft_sink = softmax_with_sinks(scores, in_window & local_valid[:, None, :, None, :], sink_scores, sink_ok)
     lin = torch.einsum("bhncf,bhnsf->bhncs", phi_qc, local_phi) * older
     from_prefix = torch.einsum("bhncf,bhnfd->bhncd", phi_qc, kv_before)
     from_prefix_den = torch.einsum("bhncf,bhnf->bhnc", phi_qc, k_sum_before)
@@ -118,8 +126,8 @@ def chunked_windowed_attention(
         prefix_weight = decay_powers(decay, torch.arange(1, size + 1, device=q.device))[None, :, None]  # [1, H, 1, C]
         from_prefix, from_prefix_den = from_prefix * prefix_weight[..., None], from_prefix_den * prefix_weight
     out = combine(
-        soft @ local_values,
-        soft.sum(-1),
+        soft @ local_values + soft_sink @ repeat_heads(sinks.values, heads).float()[:, :, None],
+        soft.sum(-1) + soft_sink.sum(-1),
         lin @ local_values + from_prefix,
         lin.sum(-1) + from_prefix_den,
         window_share,
@@ -136,5 +144,8 @@ def chunked_windowed_attention(
         values=values[:, :, kept],
         linear_keys=all_linear_keys[:, :, kept],
         valid=all_valid[:, kept],
+        sink_keys=sinks.keys,
+        sink_values=sinks.values,
+        sink_valid=sinks.valid,
     )
     return out.to(v.dtype), final_state
