@@ -122,8 +122,13 @@ class LinearAttention(nn.Module):
         mask: torch.Tensor,
         state: LinearAttentionState | HybridAttentionState,
         form: str,
+        sink_rotary: Any = None,
     ) -> tuple[torch.Tensor, LinearAttentionState | HybridAttentionState]:
-        """hidden [B, T, E], mask [B, T] (1 = real token, 0 = padding) -> out [B, T, E], next state."""
+        """hidden [B, T, E], mask [B, T] (1 = real token, 0 = padding) -> out [B, T, E], next state.
+
+        sink_rotary: rotary data for the queries that score the sinks (`T2RForCausalLM.sink_rotary`),
+        None for the tokens' own.
+        """
         q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
         q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary)
         q_features, k_features = (q, k) if self.rotary_features else (q_raw, k_raw)
@@ -144,9 +149,16 @@ class LinearAttention(nn.Module):
                 scale=self.adapter.softmax_scale(self.projections),
                 eps=self.eps,
                 decay=self.decay_per_head(),
+                sink_queries=self.sink_queries(q_raw, k_raw, sink_rotary),
             )  # fmt: skip
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.adapter.output(self.projections, out), next_state
+
+    def sink_queries(self, q_raw: torch.Tensor, k_raw: torch.Tensor, sink_rotary: Any) -> torch.Tensor | None:
+        """q_raw [B, H, T, D] rotated by sink_rotary, or None (the ops then use q itself)."""
+        if sink_rotary is None or not self.sinks:
+            return None
+        return self.adapter.apply_rotary(q_raw, k_raw, sink_rotary)[0]
 
 
 class SoftmaxAttention(nn.Module):
@@ -167,9 +179,17 @@ class SoftmaxAttention(nn.Module):
         return KVCacheState.empty(batch, self.shape.kv_heads, self.shape.head_dim, dtype, device)
 
     def forward(
-        self, hidden: torch.Tensor, rotary: Any, mask: torch.Tensor, state: KVCacheState, form: str
+        self,
+        hidden: torch.Tensor,
+        rotary: Any,
+        mask: torch.Tensor,
+        state: KVCacheState,
+        form: str,
+        sink_rotary: Any = None,
     ) -> tuple[torch.Tensor, KVCacheState]:
         """hidden [B, T, E], mask [B, T] -> out [B, T, E], the cache with these T tokens appended.
+
+        sink_rotary is unused: the teacher's own attention has no sinks to cap.
 
         Every form is the same computation here: the cache makes one token as cheap as it gets.
         """

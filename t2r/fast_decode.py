@@ -151,10 +151,12 @@ def _hybrid_step(
     k_features: torch.Tensor,
     ring: RingWindow,
     slot: torch.Tensor,
+    sink_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hybrid layer, one token: q, q_features [B, H, D]; k, v, k_features [B, G, D].
 
     The oldest slot's key leaves the window into the linear state, the new key takes its slot.
+    sink_q [B, H, D] scores the sinks instead of q (past the teacher's context), or None.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -193,6 +195,10 @@ def _hybrid_step(
     q_grouped = q.float().view(batch, kv_heads, groups, head_dim)
     valid = ring.valid[:, None, None, :]
     scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale  # [B, G, groups, S + W]
+    if sink_q is not None and sinks:
+        sink_q_grouped = sink_q.float().view(batch, kv_heads, groups, head_dim)
+        sink_scores = torch.matmul(sink_q_grouped, ring.keys[:, :, :sinks].float().transpose(-1, -2)) * scale
+        scores = torch.cat([sink_scores, scores[..., sinks:]], dim=-1)
     scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
     window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
@@ -208,12 +214,19 @@ def _hybrid_step(
 
 
 @torch.no_grad()
-def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
-    """One decode step for every row: input_ids [B] -> logits [B, V]; `state` advances in place."""
+def fast_step(
+    model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState, past_limit: bool | None = None
+) -> torch.Tensor:
+    """One decode step for every row: input_ids [B] -> logits [B, V]; `state` advances in place.
+
+    past_limit: whether a row is past the teacher's context (`model.past_sink_limit`), given by a
+    caller that wants no host sync inside the step (a compiled one); None works it out here.
+    """
     adapter = model.adapter
     positions = state.seen[:, None]  # [B, 1]
     hidden = adapter.embed(model.base, input_ids[:, None], positions)  # [B, 1, E]
     rotary = adapter.rotary(model.base, hidden, positions)
+    sink_rotary = model.sink_rotary(hidden, positions, past_limit)
     mask = torch.ones_like(positions)
     slot = state.next_slot
     window = 0
@@ -229,9 +242,10 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
             q, k = adapter.apply_rotary(q_raw, k_raw, rotary)
             q_features, k_features = (q, k) if attention.rotary_features else (q_raw, k_raw)
             if isinstance(layer_state, RingWindow):
+                sink_q = attention.sink_queries(q_raw, k_raw, sink_rotary)
                 heads_out = _hybrid_step(
                     attention, q[:, :, 0], k[:, :, 0], v[:, :, 0], q_features[:, :, 0], k_features[:, :, 0],
-                    layer_state, slot,
+                    layer_state, slot, None if sink_q is None else sink_q[:, :, 0],
                 )  # fmt: skip
             else:
                 heads_out = _linear_step(attention, q_features[:, :, 0], k_features[:, :, 0], v[:, :, 0], layer_state)
@@ -262,4 +276,7 @@ class Decoder:
         self._step = torch.compile(fast_step, backend=backend) if compile else fast_step
 
     def __call__(self, model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
-        return self._step(model, input_ids, state)
+        # Decided here, outside the compiled graph: a compiled step specialises on it (one
+        # recompile when a stream crosses the teacher's context) instead of syncing inside.
+        past_limit = model.past_sink_limit(state.seen)
+        return self._step(model, input_ids, state, past_limit)

@@ -6,6 +6,8 @@ recurrent state explicitly. All other modules are the teacher's own: embeddings,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -34,6 +36,35 @@ class T2RForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def sink_position_limit(self) -> int | None:
+        """The teacher's context in tokens when this model has sinks (their scores are capped past
+        it, see `sink_rotary`), else None."""
+        if not self.config.sinks:
+            return None
+        return getattr(self.base.config, "max_position_embeddings", None)
+
+    def past_sink_limit(self, positions: torch.Tensor) -> bool:
+        """Whether any of these positions [B, T] lies past the teacher's context (a host sync)."""
+        limit = self.sink_position_limit
+        return limit is not None and positions.numel() > 0 and int(positions.max()) >= limit
+
+    def sink_rotary(self, hidden: torch.Tensor, positions: torch.Tensor, past_limit: bool | None = None) -> Any:
+        """Rotary data for the queries that score the sinks: None (the tokens' own) within the
+        teacher's context; past it, the positions capped at its last one.
+
+        A sink keeps the position it came at (0..S-1), so its offset to a query grows with the
+        stream; past the teacher's context the angles of the slow RoPE frequencies would be ones
+        the teacher never saw (measured: perplexity 27 on tokens 0-8k, 345 on 16k-32k). Capped,
+        a query scores each sink as the teacher did at its farthest, and nothing changes within
+        the context. past_limit: `past_sink_limit(positions)` when the caller knows it already.
+        """
+        if past_limit is None:
+            past_limit = self.past_sink_limit(positions)
+        if not past_limit:
+            return None
+        return self.adapter.rotary(self.base, hidden, positions.clamp(max=self.sink_position_limit - 1))
 
     def init_state(self, batch: int) -> ModelState:
         """An empty state for `batch` sequences; its size never changes while decoding."""
@@ -67,12 +98,13 @@ class T2RForCausalLM(nn.Module):
 
         hidden = self.adapter.embed(self.base, input_ids, positions)
         rotary = self.adapter.rotary(self.base, hidden, positions)
+        sink_rotary = self.sink_rotary(hidden, positions)
         next_layers = []
         for layer, layer_state in zip(self.adapter.layers(self.base), state.layers, strict=True):
             attention = self.adapter.attention(layer)
 
             def attend(x: torch.Tensor, attention=attention, layer_state=layer_state) -> torch.Tensor:
-                out, next_state = attention(x, rotary, mask, layer_state, form)
+                out, next_state = attention(x, rotary, mask, layer_state, form, sink_rotary)
                 next_layers.append(next_state)
                 return out
 

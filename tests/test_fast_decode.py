@@ -7,7 +7,15 @@ import torch
 
 from t2r.fast_decode import Decoder, FastState, fast_step
 from tests.conftest import FAMILIES, VOCAB
-from tests.test_model import TOLERANCE, converted, left_padded_batch, state_tensors
+from tests.test_model import (
+    ROTARY_FAMILIES,
+    SHORT_CONTEXT,
+    TOLERANCE,
+    converted,
+    left_padded_batch,
+    state_tensors,
+    with_teacher_context,
+)
 
 
 def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,6 +58,13 @@ def test_fast_step_fills_the_sinks_a_short_prompt_left_empty() -> None:
     """Row 1 has one real token after the prefill: its next two tokens become sinks in the fast step."""
     model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
     assert_fast_path_matches_reference(model, fast_step, prefix=14)
+
+
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+def test_fast_step_crosses_the_teacher_context(family: str) -> None:
+    """Row 0 goes from position 17 to 29 past a context of 24: the sinks' capped scores switch on."""
+    model = with_teacher_context(trained_looking(converted(family, "hedgehog", tie_qk=False)), SHORT_CONTEXT)
+    assert_fast_path_matches_reference(model, fast_step)
 
 
 @torch.no_grad()
@@ -102,6 +117,8 @@ def test_compiled_step_matches_reference_step(backend: str) -> None:
     model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
     decoder = Decoder(compile=True, backend=backend)
     assert_fast_path_matches_reference(model, decoder)
+    # Crossing the teacher's context mid-decode: the step specialises again, still exact.
+    assert_fast_path_matches_reference(with_teacher_context(model, SHORT_CONTEXT), decoder)
     ids, mask = left_padded_batch()
     with torch.no_grad():
         _, state = model(ids[:, :20], mask[:, :20], form="chunked")

@@ -111,6 +111,47 @@ def test_decode_fills_the_sinks_a_short_prompt_left_empty() -> None:
     assert_prefill_then_decode_equals_full_forward(converted("qwen2", "hedgehog", tie_qk=False), prefix=14)
 
 
+ROTARY_FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox")
+SHORT_CONTEXT = 24  # a teacher context the 40-token test batch runs past
+
+
+def with_teacher_context(model: torch.nn.Module, context: int) -> torch.nn.Module:
+    model.base.config.max_position_embeddings = context
+    return model
+
+
+@pytest.mark.parametrize("family", ROTARY_FAMILIES)
+@torch.no_grad()
+def test_forms_agree_past_the_teacher_context(family: str) -> None:
+    """Past the context the sinks are scored from capped positions: still one computation in every form."""
+    model = with_teacher_context(converted(family, "hedgehog", tie_qk=False), SHORT_CONTEXT)
+    assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+
+
+@torch.no_grad()
+def test_sinks_are_scored_from_the_last_position_of_the_teacher_context() -> None:
+    """With the whole share on the softmax part, a token past the context sees its window (relative
+    offsets) and the sinks at the capped offset only: how far past the context it is cannot matter.
+    Two streams, same 3 sink tokens and same 10-token tail after 30 or 40 filler tokens, must give
+    the same last logits (and do not when nothing is capped)."""
+    generator = torch.Generator().manual_seed(4)
+    head, tail = (
+        torch.randint(3, VOCAB, (1, 3), generator=generator),
+        torch.randint(3, VOCAB, (1, 10), generator=generator),
+    )
+    streams = [torch.cat([head, torch.full((1, filler), 7), tail], 1) for filler in (30, 40)]  # tails past 24
+    model = converted("llama", "hedgehog", tie_qk=False)
+    for attention in model.attentions:
+        attention.window_logit.fill_(30.0)  # sigmoid -> 1.0 in fp32: the linear part weighs exactly 0
+    last = []
+    for context in (SHORT_CONTEXT, 10**6):
+        with_teacher_context(model, context)
+        last.append([model(ids, form="chunked")[0][0, -1] for ids in streams])
+    capped, uncapped = last
+    assert (capped[0] - capped[1]).abs().max() <= 1e-5
+    assert (uncapped[0] - uncapped[1]).abs().max() > 1e-3
+
+
 def assert_prefill_then_decode_equals_full_forward(model: torch.nn.Module, prefix: int) -> None:
     ids, mask = left_padded_batch()
     full, full_state = model(ids, mask, form="parallel")
