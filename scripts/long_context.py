@@ -51,12 +51,16 @@ def plot(record: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.4, 3.6))
     axis.bar([p - 0.2 for p in positions], [b["perplexity"] for b in buckets], 0.4, label="converted (recurrent)")
     teacher = [(p, b["teacher_perplexity"]) for p, b in enumerate(buckets) if "teacher_perplexity" in b]
-    axis.bar([p + 0.2 for p, _ in teacher], [v for _, v in teacher], 0.4, label="teacher (softmax, 8k context)")
+    context = record.get("teacher_context") or 0
+    label = f"teacher (softmax, {context // 1024}k context)"
+    axis.bar([p + 0.2 for p, _ in teacher], [v for _, v in teacher], 0.4, label=label)
     axis.set_xticks(list(positions), labels)
     axis.set_xlabel("token positions in the stream")
     axis.set_ylabel("perplexity")
     axis.set_title("One 32k-token stream of held-out novels")
-    axis.legend()
+    highest = max([b["perplexity"] for b in buckets] + [v for _, v in teacher])
+    axis.set_ylim(0, highest * 1.3)  # room for the legend above the bars
+    axis.legend(loc="upper center", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -65,7 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "runs" / "recipe-hybrid" / "train" / "model"))
     parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from benchmarks/long_context.json")
     args = parser.parse_args()
+    if args.replot:
+        plot(
+            json.loads((ROOT / "benchmarks" / "long_context.json").read_text()),
+            ROOT / "benchmarks" / "long_context.png",
+        )
+        return
     data = []
     for name in HELD_OUT:
         data += ["--data", str(SHARED / "books" / name)]

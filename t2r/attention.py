@@ -10,7 +10,6 @@ no module holds any.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -18,24 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2r.adapters.base import Adapter, HeadShape
-from t2r.config import FORMS
-from t2r.errors import UsageError
 from t2r.feature_maps import FeatureMap
 from t2r.ops import attention_op
-from t2r.ops.windowed import recurrent_windowed_attention, repeat_heads, windowed_attention
-from t2r.ops.windowed_chunked import chunked_windowed_attention
+from t2r.ops.windowed import repeat_heads
 from t2r.state import HybridAttentionState, KVCacheState, LinearAttentionState
-
-
-def windowed_op(form: str, chunk_size: int):
-    """The hybrid op for a form name (same names as `t2r.ops.attention_op`)."""
-    if form == "parallel":
-        return windowed_attention
-    if form == "chunked":
-        return functools.partial(chunked_windowed_attention, chunk_size=chunk_size)
-    if form == "recurrent":
-        return recurrent_windowed_attention
-    raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
 
 
 class LinearAttention(nn.Module):
@@ -141,7 +126,7 @@ class LinearAttention(nn.Module):
             op = attention_op(form, self.chunk_size)
             out, next_state = op(phi_q, phi_k, v, initial_state=state, eps=self.eps)  # [B, H, T, D]
         else:
-            op = windowed_op(form, self.chunk_size)
+            op = attention_op(form, self.chunk_size, hybrid=True)
             out, next_state = op(
                 q, k, v, phi_q, k_features, mask.bool(), state,
                 feature_map_k=self.key_map(),

@@ -3,7 +3,7 @@
     op(q, k, v, initial_state=None, eps=...) -> (out, final_state)
 
 `parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
-the single-token step. Pick one by name with `attention_op`.
+the single-token step. Pick one by name with `attention_op` (also the hybrid ops of `ops.windowed`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from t2r.config import FORMS
 from t2r.errors import UsageError
 from t2r.ops.chunked import chunked_linear_attention
 from t2r.ops.reference import causal_linear_attention, linear_attention_step, recurrent_linear_attention
+from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
+from t2r.ops.windowed_chunked import chunked_windowed_attention
 from t2r.state import LinearAttentionState
 
 AttentionOp = Callable[..., tuple[torch.Tensor, LinearAttentionState]]
@@ -31,12 +33,18 @@ __all__ = [
 ]
 
 
-def attention_op(form: str, chunk_size: int = 64) -> AttentionOp:
-    """The op for a form name: 'parallel', 'chunked' or 'recurrent'."""
-    if form == "parallel":
-        return causal_linear_attention
-    if form == "chunked":
-        return functools.partial(chunked_linear_attention, chunk_size=chunk_size)
-    if form == "recurrent":
-        return recurrent_linear_attention
-    raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+# Per form: (pure linear op, hybrid window + linear op of `ops.windowed`).
+_OPS_BY_FORM = {
+    "parallel": (causal_linear_attention, windowed_attention),
+    "chunked": (chunked_linear_attention, chunked_windowed_attention),
+    "recurrent": (recurrent_linear_attention, recurrent_windowed_attention),
+}
+
+
+def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False) -> AttentionOp:
+    """The op for a form name: 'parallel', 'chunked' or 'recurrent'; `hybrid` picks the window +
+    linear op (`ops.windowed`, its own signature) instead of pure linear attention."""
+    if form not in _OPS_BY_FORM:
+        raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+    op = _OPS_BY_FORM[form][hybrid]
+    return functools.partial(op, chunk_size=chunk_size) if form == "chunked" else op
