@@ -5,7 +5,7 @@ For each context length the same prompt (a prefix of one text) is prefilled, the
 - the converted model: prefill through the chunked form in segments (activations bounded by the
   segment, so memory does not grow with the prompt), then decoding through `model.step` (the
   reference recurrent step), `fast_step` (in place) and the compiled fast step, with fp32 weights
-  and, as further rows, int8 weight-only or bf16 weights (fp32 state);
+  and, as further rows, int4 / int8 weight-only or bf16 weights (fp32 state);
 - llama.cpp on the teacher's GGUF where `llama-cpp-python` is installed.
 Each engine runs each context in a fresh child process that loads the model, so that every
 context's peak memory is its own, measured from the same starting point: what an earlier context
@@ -116,7 +116,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     skip = None
-    if embeddings is not None and (head is None or head.weight.data_ptr() != embeddings.weight.data_ptr()):
+    head_weight = getattr(head, "weight", None)  # a quantised head (Int4Linear) has packed codes instead
+    if embeddings is not None and (head_weight is None or head_weight.data_ptr() != embeddings.weight.data_ptr()):
         skip = embeddings.weight.data_ptr()
     for tensor in [*model.parameters(), *model.buffers()]:
         pointer = tensor.data_ptr()
@@ -332,9 +333,10 @@ def converted_cases_from_folder(
     weights: dict[str, int] = {}
     fp32_prefill = None
     for weight_format, variant, engines in converted_variants(model, bench):
-        # int8 prefill multiplies by the dequantised weights (see t2r.quantize): the fp32 prefill's
-        # state serves it, and its prefill is not reported separately.
-        reuse = fp32_prefill if weight_format == "int8" else None
+        # int8 / int4 rows measure decoding: the fp32 prefill's state serves them (a prefill through
+        # the weight-only kernels is no faster than fp32's, measured: int4 at 512 rows 10.8 ms per
+        # 1536x576 matrix vs fp32 11.3), and their prefill is not reported separately.
+        reuse = fp32_prefill if weight_format in ("int8", "int4") else None
         found, prefilled = converted_cases(variant, engines, ids, bench.steps, bench.repeats, bench.segment, reuse)
         if weight_format == "fp32":
             fp32_prefill = prefilled
@@ -360,7 +362,7 @@ class BenchSettings:
     steps: int = 16  # decode steps per timed block
     repeats: int = 3  # timed blocks (median)
     segment: int = 512  # prefill segment of the converted model
-    weights: tuple[str, ...] = ("fp32", "int8", "bf16")  # weight formats of the converted rows
+    weights: tuple[str, ...] = ("fp32", "int4", "bf16")  # weight formats of the converted rows
     compile: bool = True  # the compiled fast step as rows (besides the eager fp32 one)
     reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
 

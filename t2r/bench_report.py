@@ -55,7 +55,7 @@ def bars(record: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         key=lambda c: c["prefill_tokens_per_s"],
         default=None,
-    )  # the prefill a user would pick (int8 rows reuse the fp32 prefill and report none)
+    )  # the prefill a user would pick (int8 / int4 rows reuse the fp32 prefill and report none)
     bar(
         "prefill at 8k / teacher's",
         ratio(prefill_8k, teacher_8k, "prefill_tokens_per_s"),

@@ -116,7 +116,7 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
         "--weights",
         choices=WEIGHT_FORMATS,
         default="fp32",
-        help="decode with fp32, bf16 or int8 weight-only projections (the state stays fp32)",
+        help="decode with fp32, bf16, int8 or int4 weight-only projections (the state stays fp32)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once, ~1 min)")
 
@@ -263,6 +263,12 @@ def build_parser() -> Parser:
         help="--long: bucket edges in tokens (default: 2048,8192,16384; the last bucket runs to the end)",
     )
     evaluate.add_argument("--segment", type=positive_int, default=1024, help="--long: tokens per forward pass")
+    evaluate.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="fp32",
+        help="score the model with these projections (what `generate --weights` decodes with)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
 
     bench = commands.add_parser("bench", help="speed and memory against the teacher (and llama.cpp if installed)")
@@ -278,9 +284,9 @@ def build_parser() -> Parser:
     bench.add_argument(
         "--weights",
         type=lambda text: tuple(text.split(",")),
-        default=("fp32", "int8", "bf16"),
+        default=("fp32", "int4", "bf16"),
         metavar="F,G,...",
-        help=f"weight formats of the converted rows, from {', '.join(WEIGHT_FORMATS)} (default: all)",
+        help=f"weight formats of the converted rows, from {', '.join(WEIGHT_FORMATS)} (default: fp32,int4,bf16)",
     )
     bench.add_argument("--no-compile", action="store_true", help="no compiled rows (eager fast step only)")
     bench.add_argument("--no-reference-step", action="store_true", help="skip the `model.step` row")
@@ -429,6 +435,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from t2r.convert import load_model
     from t2r.evaluate import evaluate
     from t2r.model import T2RForCausalLM
+    from t2r.quantize import with_weights
     from t2r.textfile import read_text
 
     stride = args.stride or args.seq_len
@@ -437,6 +444,7 @@ def run_eval(args: argparse.Namespace) -> None:
     text = "\n\n".join(read_text(path) for path in args.data)
     data_name = ",".join(str(path) for path in args.data)
     model, tokenizer = load_model(args.model)
+    model = with_weights(model, args.weights)
     if args.long and not isinstance(model, T2RForCausalLM):
         raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")
     teacher = None
@@ -459,7 +467,7 @@ def run_eval(args: argparse.Namespace) -> None:
         return
     batch_size = args.batch_size or (16 if args.mode == "recurrent" else 4)
     result = evaluate(model, ids, args.seq_len, stride, args.mode, teacher, batch_size)
-    record = {"model": args.model, "data": data_name, **result.to_dict()}
+    record = {"model": args.model, "weights": args.weights, "data": data_name, **result.to_dict()}
     if teacher is not None:
         record["teacher"] = spec
     if args.json:

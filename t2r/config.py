@@ -10,7 +10,7 @@ from t2r.errors import UsageError
 
 FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog")
 FORMS = ("parallel", "chunked", "recurrent")
-WEIGHT_FORMATS = ("fp32", "bf16", "int8")  # how decoding may store the projections (t2r.quantize)
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")  # how decoding may store the projections (t2r.quantize)
 # The linear part's half-life in tokens when a window is used and none is given (see T2RConfig).
 DEFAULT_HALF_LIFE = 512
 # Attention sinks kept in the softmax part when a window is used and none are given (see T2RConfig).

@@ -194,11 +194,13 @@ def _hybrid_step(
     scale = attention.adapter.softmax_scale(attention.projections)
     q_grouped = q.float().view(batch, kv_heads, groups, head_dim)
     valid = ring.valid[:, None, None, :]
-    scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale  # [B, G, groups, S + W]
-    if sink_q is not None and sinks:
+    if sink_q is not None and sinks:  # the sinks scored by sink_q, the window by q
         sink_q_grouped = sink_q.float().view(batch, kv_heads, groups, head_dim)
-        sink_scores = torch.matmul(sink_q_grouped, ring.keys[:, :, :sinks].float().transpose(-1, -2)) * scale
-        scores = torch.cat([sink_scores, scores[..., sinks:]], dim=-1)
+        sink_scores = torch.matmul(sink_q_grouped, ring.keys[:, :, :sinks].float().transpose(-1, -2))
+        window_scores = torch.matmul(q_grouped, ring.keys[:, :, sinks:].float().transpose(-1, -2))
+        scores = torch.cat([sink_scores, window_scores], dim=-1) * scale  # [B, G, groups, S + W]
+    else:
+        scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
     window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
@@ -214,19 +216,20 @@ def _hybrid_step(
 
 
 @torch.no_grad()
-def fast_step(
-    model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState, past_limit: bool | None = None
-) -> torch.Tensor:
+def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
     """One decode step for every row: input_ids [B] -> logits [B, V]; `state` advances in place.
 
-    past_limit: whether a row is past the teacher's context (`model.past_sink_limit`), given by a
-    caller that wants no host sync inside the step (a compiled one); None works it out here.
+    With sinks, the sinks are always scored by queries rotated at min(position, the teacher's last
+    one) (`T2RForCausalLM.sink_rotary`): within the teacher's context these are the tokens' own
+    queries, bit for bit, so the step does the same work at every context (flat speed, one compiled
+    graph, no host sync to decide).
     """
     adapter = model.adapter
     positions = state.seen[:, None]  # [B, 1]
     hidden = adapter.embed(model.base, input_ids[:, None], positions)  # [B, 1, E]
     rotary = adapter.rotary(model.base, hidden, positions)
-    sink_rotary = model.sink_rotary(hidden, positions, past_limit)
+    limit = model.sink_position_limit
+    sink_rotary = None if limit is None else adapter.rotary(model.base, hidden, positions.clamp(max=limit - 1))
     mask = torch.ones_like(positions)
     slot = state.next_slot
     window = 0
@@ -276,7 +279,4 @@ class Decoder:
         self._step = torch.compile(fast_step, backend=backend) if compile else fast_step
 
     def __call__(self, model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
-        # Decided here, outside the compiled graph: a compiled step specialises on it (one
-        # recompile when a stream crosses the teacher's context) instead of syncing inside.
-        past_limit = model.past_sink_limit(state.seen)
-        return self._step(model, input_ids, state, past_limit)
+        return self._step(model, input_ids, state)

@@ -50,7 +50,7 @@ class T2RForCausalLM(nn.Module):
         limit = self.sink_position_limit
         return limit is not None and positions.numel() > 0 and int(positions.max()) >= limit
 
-    def sink_rotary(self, hidden: torch.Tensor, positions: torch.Tensor, past_limit: bool | None = None) -> Any:
+    def sink_rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
         """Rotary data for the queries that score the sinks: None (the tokens' own) within the
         teacher's context; past it, the positions capped at its last one.
 
@@ -58,11 +58,9 @@ class T2RForCausalLM(nn.Module):
         stream; past the teacher's context the angles of the slow RoPE frequencies would be ones
         the teacher never saw (measured: perplexity 27 on tokens 0-8k, 345 on 16k-32k). Capped,
         a query scores each sink as the teacher did at its farthest, and nothing changes within
-        the context. past_limit: `past_sink_limit(positions)` when the caller knows it already.
+        the context. (The fast decode step always takes the capped positions: no host sync.)
         """
-        if past_limit is None:
-            past_limit = self.past_sink_limit(positions)
-        if not past_limit:
+        if not self.past_sink_limit(positions):
             return None
         return self.adapter.rotary(self.base, hidden, positions.clamp(max=self.sink_position_limit - 1))
 

@@ -33,14 +33,14 @@ def test_bench_writes_json_plots_and_report(
     engines = {(c["engine"], c["context"], c["batch"]) for c in record["cases"]}
     for context in (16, 64):
         for batch in (1, 2):
-            for engine in ("teacher", "converted (fast)", "converted (fast, int8)", "converted (fast, bf16)"):
+            for engine in ("teacher", "converted (fast)", "converted (fast, int4)", "converted (fast, bf16)"):
                 assert (engine, context, batch) in engines
         assert ("converted (step)", context, 1) in engines
     assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
     assert record["teacher"] == "measured"  # in a child process per context
     assert record["converted"] == "measured"  # the same
-    int8_bytes = record["weight_bytes_per_token"]["converted (fast, int8)"]
-    assert int8_bytes < record["weight_bytes_per_token"]["converted (fast)"] / 2
+    int4_bytes = record["weight_bytes_per_token"]["converted (fast, int4)"]
+    assert int4_bytes < record["weight_bytes_per_token"]["converted (fast)"] / 4
     teacher_cache = [c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "teacher"]
     assert teacher_cache[0] < teacher_cache[-1]  # the KV cache grows with the context
     ours = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "converted (fast)"}

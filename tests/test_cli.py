@@ -104,7 +104,7 @@ def test_generate_greedy_streams_the_requested_tokens(converted_folder: Path, ca
 
 def test_generate_batches_prompts_with_smaller_weights(converted_folder: Path, capfd) -> None:
     """Several --prompt decode as one batch; each completion equals that prompt decoded alone."""
-    base = ["generate", converted_folder, "--max-new-tokens", 6, "--greedy", "--ignore-eos", "--weights", "int8"]
+    base = ["generate", converted_folder, "--max-new-tokens", 6, "--greedy", "--ignore-eos", "--weights", "int4"]
     code, out, err = run([*base, "--prompt", "The history of", "--prompt", "Once upon a time, in"], capfd)
     assert code == 0, err
     assert "[12 new tokens after a" in err and "1 more prompts, one batch" in err
@@ -112,7 +112,7 @@ def test_generate_batches_prompts_with_smaller_weights(converted_folder: Path, c
     alone = run([*base, "--prompt", "Once upon a time, in"], capfd)
     assert alone[0] == 0 and alone[1].rstrip("\n") == second.rstrip("\n")
     assert first.startswith("--- 'The history of'\nThe history of")
-    code, _, err = run([*base[:-2], "--weights", "int4", "--prompt", "x"], capfd)
+    code, _, err = run([*base[:-2], "--weights", "int3", "--prompt", "x"], capfd)
     assert code == 2 and "invalid choice" in err
 
 
