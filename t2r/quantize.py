@@ -104,7 +104,8 @@ def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
 
     fp32 returns the model itself; bf16 casts every parameter (the decode state stays fp32);
     int8 / int4 replace each big nn.Linear by an Int8Linear / Int4Linear (quantised once, here;
-    a projection whose shape the int4 kernel does not take stays as it is).
+    with int4, the output head and any projection whose shape the int4 kernel does not take are
+    int8).
     """
     if weight_format not in WEIGHT_FORMATS:
         raise UsageError(f"unknown weight format {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
@@ -113,14 +114,13 @@ def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
     if weight_format == "bf16":
         return copy.deepcopy(model).to(torch.bfloat16)
     replaced = copy.deepcopy(model)
-    kind = Int8Linear if weight_format == "int8" else Int4Linear
-    targets = [
-        name
-        for name, module in replaced.named_modules()
-        if _replaceable(name, module) and (kind is Int8Linear or Int4Linear.fits(module))
-    ]
-    for name in targets:
+    heads = [m.get_output_embeddings() for m in replaced.modules() if hasattr(m, "get_output_embeddings")]
+    targets = [(name, module) for name, module in replaced.named_modules() if _replaceable(name, module)]
+    for name, module in targets:
+        # int4: the output head stays 8-bit (the GGUF's token embedding is Q8_0; at 4 bits the
+        # converted model's WikiText-2 top-1 agreement fell from 0.83 to 0.73).
+        four_bits = weight_format == "int4" and all(module is not h for h in heads) and Int4Linear.fits(module)
         parent_name, _, child = name.rpartition(".")
         parent = replaced.get_submodule(parent_name) if parent_name else replaced
-        setattr(parent, child, kind(getattr(parent, child)))
+        setattr(parent, child, Int4Linear(module) if four_bits else Int8Linear(module))
     return replaced
