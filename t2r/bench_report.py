@@ -92,6 +92,29 @@ def bars(record: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def bound_table(record: dict[str, Any]) -> list[str]:
+    """Batch-1 decode at the shortest context (256 by default) against each engine's own bandwidth
+    bound (bandwidth / the bytes of weights it reads per token): how close each weight format
+    comes to what memory allows."""
+    if not record["cases"]:
+        return []
+    context = min(c["context"] for c in record["cases"])
+    bandwidth = record["machine"]["memory_read_bandwidth_bytes_per_s"]
+    lines = [
+        f"| engine (batch 1, context {context:,}) | weights read per token, MB | bound tok/s | decode tok/s "
+        "| of bound |",
+        "|---|---|---|---|---|",
+    ]
+    for engine, weight_bytes in sorted(record["weight_bytes_per_token"].items()):
+        case = find(record["cases"], engine, context)
+        if case is None or not weight_bytes:
+            continue
+        bound = bandwidth / weight_bytes
+        rate = case["decode_tokens_per_s"]
+        lines.append(f"| {engine} | {weight_bytes / 1e6:,.0f} | {bound:,.1f} | {rate:,.1f} | {rate / bound:.2f} |")
+    return lines if len(lines) > 2 else []
+
+
 def table(record: dict[str, Any], batch: int) -> list[str]:
     cases = record["cases"]
     engines = [TEACHER, *converted_engines(cases), "llama.cpp"]
@@ -171,6 +194,9 @@ def write(record: dict[str, Any], out: Path, report: Path | None, command: str) 
             met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
             note = f" ({row['note']})" if row["note"] else ""
             lines.append(f"| {row['bar']}{note} | {value} | {sign} {row['target']} | {met} |")
+        bounds = bound_table(record)
+        if bounds:
+            lines += ["", "Each engine against its own bandwidth bound:", "", *bounds]
         for batch in sorted({c["batch"] for c in record["cases"]}):
             lines += ["", f"Batch {batch}:", "", *table(record, batch)]
         relative = [path.relative_to(report.parent) if path.is_relative_to(report.parent) else path for path in paths]

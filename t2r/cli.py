@@ -295,6 +295,11 @@ def build_parser() -> Parser:
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for bench.json and plots")
     bench.add_argument("--report", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file to update")
     bench.add_argument("--no-report", action="store_true", help="do not touch --report")
+    bench.add_argument(
+        "--replot",
+        action="store_true",
+        help="measure nothing: redraw the plots and the report section from OUT/bench.json",
+    )
     return parser
 
 
@@ -612,6 +617,14 @@ def run_bench(args: argparse.Namespace) -> None:
 
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("t2r bench draws its plots with matplotlib: pip install 't2r[bench]'")
+    report = None if args.no_report else args.report
+    if args.replot:
+        saved = args.out / "bench.json"
+        if not saved.is_file():
+            raise UsageError(f"--replot reads {saved}, which does not exist; run the bench first")
+        record = json.loads(saved.read_text())
+        print_bars(write(record, args.out, report, record["command"]))
+        return
     text = read_text(args.data) if args.data is not None else None
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
@@ -645,8 +658,11 @@ def run_bench(args: argparse.Namespace) -> None:
         folder, spec, prompt_ids, settings, teacher_context, gguf, log=lambda line: print(line, file=sys.stderr)
     )
     command = "t2r bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "t2r bench"
-    report = None if args.no_report else args.report
-    for row in write(record, args.out, report, command):
+    print_bars(write(record, args.out, report, command))
+
+
+def print_bars(rows: list[dict]) -> None:
+    for row in rows:
         value = "-" if row["value"] is None else f"{row['value']:.2f}"
         met = {True: "met", False: "NOT met", None: "not measured"}[row["met"]]
         sign = "<=" if row["at_most"] else ">="

@@ -49,7 +49,15 @@ def test_bench_writes_json_plots_and_report(
     assert (tmp_path / "out" / "bench_decode.png").stat().st_size > 0
     text = report.read_text()
     assert "kept text" in text and "<!-- bench:start -->" in text and "| teacher: decode tok/s |" in text
+    assert "| converted (fast, int4) |" in text  # its fraction of its own bandwidth bound
     assert "decode at 8k / teacher's" in out
+    # --replot: the same section again from bench.json, nothing measured (no model is even loaded).
+    report.write_text("# Benchmarks\n\nkept text\n")
+    code, out, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "out", "--report", report], capfd)
+    assert code == 0, err
+    assert report.read_text() == text and "decode at 8k / teacher's" in out
+    code, _, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "none"], capfd)
+    assert code == 2 and "does not exist" in err
 
 
 def test_a_failing_converted_child_is_recorded_not_raised(tmp_path: Path) -> None:
