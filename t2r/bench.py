@@ -485,6 +485,7 @@ def run_bench(
                 log(found)
             else:
                 case = Case("llama.cpp", context, 1, found[0], found[1], found[2], 0)
+                weights["llama.cpp"] = Path(gguf).stat().st_size  # every tensor of the GGUF, once a token
                 log(describe(case))
                 cases.append(case)
     return {

@@ -53,7 +53,9 @@ def test_bench_writes_json_plots_and_report(
     assert "decode at 8k / teacher's" in out
     # --replot: the same section again from bench.json, nothing measured (no model is even loaded).
     report.write_text("# Benchmarks\n\nkept text\n")
-    code, out, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "out", "--report", report], capfd)
+    code, out, err = run(
+        ["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "out", "--report", report], capfd
+    )
     assert code == 0, err
     assert report.read_text() == text and "decode at 8k / teacher's" in out
     code, _, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "none"], capfd)
