@@ -407,8 +407,10 @@ def run_generate(args: argparse.Namespace) -> None:
             print(f"--- {prompt!r}\n{prompt if not args.chat else ''}{text}", flush=True)
     result = results[0]
     new_tokens = sum(len(r.new_tokens) for r in results)
-    # The first token of each row comes from the prefill's logits: decoding made the rest.
-    rate = (new_tokens - len(results)) / result.decode_seconds if new_tokens > len(results) else 0.0
+    # The first token of each row comes from the prefill's logits: decoding made the rest. The
+    # speed leaves out the first decode step, where a compiled step compiles (printed apart).
+    steady_seconds = result.decode_seconds - result.first_step_seconds
+    rate = result.later_step_rows / steady_seconds if result.later_step_rows and steady_seconds > 0 else 0.0
     growth = (
         f" (+{result.bytes_per_token:,} bytes per token: KV cache of the softmax layers)"
         if result.bytes_per_token
@@ -417,7 +419,8 @@ def run_generate(args: argparse.Namespace) -> None:
     print(
         f"[{new_tokens} new tokens after a {result.prompt_tokens}-token prompt"
         f"{f' (and {len(results) - 1} more prompts, one batch)' if len(results) > 1 else ''}; "
-        f"prefill {result.prefill_seconds:.2f} s; decode {rate:.1f} tokens/s; "
+        f"prefill {result.prefill_seconds:.2f} s; first step {result.first_step_seconds:.2f} s"
+        f"{' (compiling)' if args.compile else ''}; then {rate:.1f} tokens/s; "
         f"state {result.state_bytes / 2**20:.2f} MiB{growth}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]",
         file=sys.stderr,
     )

@@ -38,6 +38,10 @@ class GenerationResult:
     new_tokens: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    # The first decode step on its own (a compiled step compiles there) and the rows decoded by
+    # every later step: the steady speed is later_step_rows / (decode_seconds - first_step_seconds).
+    first_step_seconds: float = 0.0
+    later_step_rows: int = 0
     state_bytes: int = 0
     bytes_per_token: int = 0  # > 0 only with layers kept as softmax attention (their KV cache grows)
 
@@ -104,6 +108,7 @@ def generate_batch(
     start = time.perf_counter()
     fast_state = FastState.from_model_state(state)  # decoded in place (tested equal to model.step)
     running = list(range(len(prompts)))  # the prompt index of each batch row
+    first_step_seconds, later_step_rows = 0.0, 0
     while True:
         tokens = choose(logits)
         keep = []
@@ -122,11 +127,16 @@ def generate_batch(
             fast_state, tokens = fast_state.select(index), tokens[index]
             running = [running[row] for row in keep]
         logits = step(model, tokens, fast_state)
+        if not first_step_seconds:
+            first_step_seconds = time.perf_counter() - start
+        else:
+            later_step_rows += len(running)
     decode_seconds = time.perf_counter() - start
     final = fast_state.to_model_state()  # the rows still in the batch at the end
     state_bytes, bytes_per_token = final.nbytes() // len(running), final.bytes_per_token()
     for result in results:
         result.prefill_seconds, result.decode_seconds = prefill_seconds, decode_seconds
+        result.first_step_seconds, result.later_step_rows = first_step_seconds, later_step_rows
         result.state_bytes, result.bytes_per_token = state_bytes, bytes_per_token
     return results
 

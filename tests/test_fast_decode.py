@@ -224,3 +224,11 @@ def test_batched_generation_equals_one_prompt_at_a_time() -> None:
         expected = tokens[: tokens.index(next(iter(stop)))] if next(iter(stop)) in tokens else tokens
         assert result.new_tokens == expected
     assert len(batched[1].new_tokens) <= 5
+    # Timing bookkeeping: 12 tokens of one prompt = 1 from the prefill + 11 decode steps, the first
+    # timed apart (a compiled step compiles there): 10 rows decoded after it.
+    single = generate(model, prompts[0], 12, Sampling(greedy=True))
+    assert single.later_step_rows == 10 and 0 < single.first_step_seconds <= single.decode_seconds
+    # A row that stopped decoded its stop token too: n kept tokens took n steps (n - 1 at the budget;
+    # none when the prefill gave the stop token).
+    steps = [len(r.new_tokens) - (len(r.new_tokens) == 12) for r in batched]
+    assert batched[0].later_step_rows == sum(max(n - 1, 0) for n in steps)
