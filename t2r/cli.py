@@ -625,8 +625,12 @@ def run_bench(args: argparse.Namespace) -> None:
         saved = args.out / "bench.json"
         if not saved.is_file():
             raise UsageError(f"--replot reads {saved}, which does not exist; run the bench first")
-        record = json.loads(saved.read_text())
-        print_bars(write(record, args.out, report, record["command"]))
+        try:
+            record = json.loads(saved.read_text())
+            command = record["command"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UsageError(f"--replot: {saved} is not a bench record ({error})") from None
+        print_bars(write(record, args.out, report, command))
         return
     text = read_text(args.data) if args.data is not None else None
     model, tokenizer = load_model(args.model)

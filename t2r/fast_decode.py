@@ -228,8 +228,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
     positions = state.seen[:, None]  # [B, 1]
     hidden = adapter.embed(model.base, input_ids[:, None], positions)  # [B, 1, E]
     rotary = adapter.rotary(model.base, hidden, positions)
-    limit = model.sink_position_limit
-    sink_rotary = None if limit is None else adapter.rotary(model.base, hidden, positions.clamp(max=limit - 1))
+    sink_rotary = model.capped_rotary(hidden, positions)
     mask = torch.ones_like(positions)
     slot = state.next_slot
     window = 0

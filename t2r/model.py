@@ -62,7 +62,13 @@ class T2RForCausalLM(nn.Module):
         """
         if not self.past_sink_limit(positions):
             return None
-        return self.adapter.rotary(self.base, hidden, positions.clamp(max=self.sink_position_limit - 1))
+        return self.capped_rotary(hidden, positions)
+
+    def capped_rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Rotary data at min(position, the teacher's last one); None when the model has no sinks.
+        Within the context it equals the tokens' own: the fast step always takes it (no branch)."""
+        limit = self.sink_position_limit
+        return None if limit is None else self.adapter.rotary(self.base, hidden, positions.clamp(max=limit - 1))
 
     def init_state(self, batch: int) -> ModelState:
         """An empty state for `batch` sequences; its size never changes while decoding."""

@@ -60,6 +60,10 @@ def test_bench_writes_json_plots_and_report(
     assert report.read_text() == text and "decode at 8k / teacher's" in out
     code, _, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "none"], capfd)
     assert code == 2 and "does not exist" in err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bench.json").write_text("{not json")
+    code, _, err = run(["bench", tmp_path / "nowhere", "--replot", "--out", tmp_path / "broken"], capfd)
+    assert code == 2 and "is not a bench record" in err and "Traceback" not in err
 
 
 def test_a_failing_converted_child_is_recorded_not_raised(tmp_path: Path) -> None:
