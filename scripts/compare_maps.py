@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from t2r.report import replace_section
+from t2r.evaluation.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

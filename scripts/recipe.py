@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from t2r.report import replace_section
+from t2r.evaluation.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -155,7 +155,7 @@ def main() -> None:
 
 def state_bytes(model_dir: Path) -> int:
     """Bytes of the recurrent state of one sequence (constant: it does not grow with context)."""
-    from t2r.convert import load_converted
+    from t2r.hub import load_converted
 
     model, _ = load_converted(model_dir)
     return model.init_state(1).nbytes()

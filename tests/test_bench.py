@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import t2r.bench
-from t2r.bench import BenchSettings, memory_bandwidth, peak_rss, run_bench, weight_bytes_per_token
+import t2r.evaluation.bench.engines
+from t2r.evaluation.bench.engines import BenchSettings
+from t2r.evaluation.bench.memory import memory_bandwidth, peak_rss, weight_bytes_per_token
+from t2r.evaluation.bench.run import run_bench
 from tests.conftest import tiny_model
 from tests.test_cli import run
 
@@ -21,7 +23,7 @@ def test_bench_writes_json_plots_and_report(
         raise AssertionError("the converted model must be measured in a child process, not in the bench's")
 
     # Only this process's module is patched: rows that still appear were measured by the children.
-    monkeypatch.setattr(t2r.bench, "converted_cases", in_this_process)
+    monkeypatch.setattr(t2r.evaluation.bench.engines, "converted_cases", in_this_process)
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\nkept text\n")
     argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]

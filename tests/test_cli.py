@@ -167,13 +167,16 @@ def test_eval_three_forms_agree(converted_folder: Path, text_file: Path, capfd) 
 def test_eval_with_teacher_reports_fidelity(
     converted_folder: Path, teacher_folder: Path, text_file: Path, capfd
 ) -> None:
+    # Windows of 160 tokens: past the 64-token softmax window and the 4 sinks the linear part (an
+    # untrained map) answers, so the model differs from its teacher. (Within 68 tokens every form
+    # is the teacher's exact softmax, and KL is 0 up to rounding, of either sign.)
     code, out, err = run(
-        ["eval", converted_folder, "--data", text_file, "--seq-len", 64, "--stride", 32, "--teacher", "--json"], capfd
+        ["eval", converted_folder, "--data", text_file, "--seq-len", 160, "--stride", 80, "--teacher", "--json"], capfd
     )
     assert code == 0, err
     record = json.loads(out)
     assert record["teacher"] == str(teacher_folder)
-    assert record["kl"] > 0 and 0 <= record["top1_agreement"] <= 1
+    assert record["kl"] > 1e-6 and 0 <= record["top1_agreement"] <= 1
     assert {"perplexity", "tokens", "kl", "top1_agreement"} <= record.keys()
 
 

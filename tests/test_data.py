@@ -15,19 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import t2r.data as data
-from t2r.corpus import BUILTIN, Texts, builtin_texts
-from t2r.data import (
-    Source,
-    batch_for_step,
-    batch_indices,
-    epoch_order,
-    load_blocks,
-    resolve_sources,
-    split_indices,
-    split_long,
-    token_ids,
-)
+import t2r.data.sources as sources
+from t2r.data.blocks import batch_indices, epoch_order, load_blocks, split_indices, split_long, token_ids
+from t2r.data.corpus import BUILTIN, Texts, builtin_texts
+from t2r.data.sources import Source, resolve_sources
 from t2r.errors import T2RError, UsageError
 from tests.conftest import SHARED_DATA, TRAINING_TEXT, tiny_tokenizer
 
@@ -254,7 +245,7 @@ def test_hub_name_on_an_offline_machine_fails_fast_in_a_fresh_process(tmp_path: 
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
     env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens
     probe = (
-        "from t2r.data import read_hub_dataset\n"
+        "from t2r.data.sources import read_hub_dataset\n"
         "from t2r.errors import T2RError\n"
         "try:\n    read_hub_dataset('wikitext:wikitext-2-raw-v1')\n"
         "except T2RError as error:\n    print(type(error).__name__, error)\n"
@@ -335,21 +326,13 @@ def test_batches_walk_each_epoch_once(count: int, batch_size: int) -> None:
     assert not torch.equal(drawn, torch.cat([batch_indices(count, s, batch_size, seed=10) for s in range(steps)]))
 
 
-def test_batch_for_step_is_a_pure_function_of_the_step() -> None:
-    blocks = torch.arange(10 * 4).view(10, 4)
-    batch = batch_for_step(blocks, step=7, batch_size=3, seed=1)
-    assert batch.shape == (3, 4)
-    assert torch.equal(batch, blocks[batch_indices(10, 7, 3, 1)])
-    assert torch.equal(batch, batch_for_step(blocks.clone(), step=7, batch_size=3, seed=1))  # resume: same batch
-
-
 # ---- the built-in corpus ----------------------------------------------------------------------------
 
 
 def test_no_data_means_the_builtin_corpus(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_sources([]) == resolve_sources([BUILTIN]) == [Source("builtin", BUILTIN)]
     small = [Texts("builtin:test", "0" * 64, list(TRAINING_TEXT))]
-    monkeypatch.setattr(data, "builtin_texts", lambda: small)
+    monkeypatch.setattr(sources, "builtin_texts", lambda: small)
     blocks = load_blocks([], tokenizer, block_size=8)
     assert [info.name for info in blocks.sources] == ["builtin:test"]
     assert blocks.sources[0].documents == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2r.fast_decode import Decoder, FastState, fast_step
+from t2r.modeling.fast_decode import Decoder, FastState, fast_step
 from tests.conftest import FAMILIES, VOCAB
 from tests.test_model import (
     ROTARY_FAMILIES,
@@ -90,7 +90,8 @@ def test_rows_leave_the_batch() -> None:
 
 @torch.no_grad()
 def test_generate_decodes_what_the_reference_step_decodes() -> None:
-    from t2r.generate import Sampling, generate
+    from t2r.inference.generate import generate
+    from t2r.inference.sampling import Sampling
 
     model = converted("qwen2", "hedgehog", tie_qk=False, window=5)
     for parameter in model.parameters():
@@ -138,7 +139,7 @@ def test_compiled_step_matches_reference_step(backend: str) -> None:
 def test_smaller_weights_keep_the_fast_path_exact(weights: str) -> None:
     """With bf16, int8 or int4 projections, the fast step still equals the reference step of that
     same model (the state stays fp32); int8 / int4 logits stay close to the fp32 model's."""
-    from t2r.quantize import Int4Linear, Int8Linear, with_weights
+    from t2r.modeling.quantize import Int4Linear, Int8Linear, with_weights
 
     torch.manual_seed(0)
     model = trained_looking(converted("qwen2", "hedgehog", tie_qk=False, window=5))
@@ -169,7 +170,7 @@ def test_smaller_weights_keep_the_fast_path_exact(weights: str) -> None:
 
 
 def test_int8_linear_is_its_dequantised_matrix() -> None:
-    from t2r.quantize import Int8Linear
+    from t2r.modeling.quantize import Int8Linear
 
     linear = torch.nn.Linear(96, 40)
     quantised = Int8Linear(linear)
@@ -184,7 +185,7 @@ def test_int4_linear_is_its_dequantised_matrix_and_keeps_a_q4_grid() -> None:
     """The kernel multiplies by (q - 8) * scale + zero per group of 32: within half a 4-bit step of
     the weight; weights that already lie on a 4-bit grid of 32-wide blocks (GGUF Q4_1: q * d + m)
     lose only bf16 rounding (the kernel's scales, zeros and arithmetic are bf16)."""
-    from t2r.quantize import Int4Linear
+    from t2r.modeling.quantize import Int4Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48)
@@ -211,7 +212,8 @@ def test_int4_linear_is_its_dequantised_matrix_and_keeps_a_q4_grid() -> None:
 def test_batched_generation_equals_one_prompt_at_a_time() -> None:
     """Prompts of different lengths decode together (left padding); rows that stop leave the
     batch; every row emits exactly what it emits alone."""
-    from t2r.generate import Sampling, generate, generate_batch
+    from t2r.inference.generate import generate, generate_batch
+    from t2r.inference.sampling import Sampling
 
     torch.manual_seed(0)
     model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from t2r.config import T2RConfig
-from t2r.convert import convert
-from t2r.long_context import make_buckets, score_long
+from t2r.evaluation.long_context import make_buckets, score_long
+from t2r.modeling.config import T2RConfig
+from t2r.modeling.convert import convert
 from tests.conftest import VOCAB, tiny_model
 
 

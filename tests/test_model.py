@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t2r.adapters import adapter_for
-from t2r.config import T2RConfig
-from t2r.convert import convert, load_converted, save_converted
-from t2r.state import HybridAttentionState, KVCacheState
+from t2r.hub import load_converted, save_converted
+from t2r.modeling.adapters import adapter_for
+from t2r.modeling.config import T2RConfig
+from t2r.modeling.convert import convert
+from t2r.ops.state import HybridAttentionState, KVCacheState
 from tests.conftest import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
 
 TOLERANCE = 1e-4

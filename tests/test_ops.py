@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2r.feature_maps import build_feature_map
-from t2r.ops import causal_linear_attention, chunked_linear_attention, recurrent_linear_attention
-from t2r.ops.reference import linear_attention_step
-from t2r.state import LinearAttentionState
+from t2r.modeling.feature_maps import build_feature_map
+from t2r.ops.chunked import chunked_linear_attention
+from t2r.ops.reference import causal_linear_attention, linear_attention_step, recurrent_linear_attention
+from t2r.ops.state import LinearAttentionState
 
 B, H, D = 2, 3, 16
 TOLERANCE = 1e-5

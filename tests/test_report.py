@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from t2r.report import replace_section
+from t2r.evaluation.markdown import replace_section
 
 
 def test_sections_are_replaced_in_place_and_the_rest_is_kept(tmp_path: Path) -> None:

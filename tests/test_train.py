@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2r.checkpoint import MARKER, latest_checkpoint, load_checkpoint
-from t2r.config import T2RConfig
-from t2r.convert import convert, load_converted
 from t2r.errors import T2RError
-from t2r.objectives import AttentionTransfer
-from t2r.train import Trainer, TrainingData
-from t2r.train_config import TrainConfig
+from t2r.hub import load_converted
+from t2r.modeling.config import T2RConfig
+from t2r.modeling.convert import convert
+from t2r.training.checkpoint import MARKER, latest_checkpoint, load_checkpoint
+from t2r.training.config import TrainConfig
+from t2r.training.data import TrainingData
+from t2r.training.objectives import AttentionTransfer
+from t2r.training.trainer import Trainer
 from tests.conftest import TRAINING_TEXT, tiny_model
 
 STEPS = ["--transfer-steps", "5", "--finetune-steps", "5", "--checkpoint-every", "2", "--keep", "2"]
@@ -192,7 +194,7 @@ def test_half_written_checkpoint_is_skipped(tmp_path: Path) -> None:
 def test_attention_transfer_lowers_its_loss(tmp_path: Path) -> None:
     """A few steps of transfer reduce the MSE to the teacher's attention on a fixed batch."""
     trainer = tiny_trainer(tmp_path / "run", transfer_steps=30, lr_transfer=3e-2, checkpoint_every=100)
-    from t2r.objectives import record_attention
+    from t2r.training.objectives import record_attention
 
     ids = trainer.data.blocks[:4]
     mask = torch.ones_like(ids)

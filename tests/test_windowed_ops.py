@@ -8,10 +8,10 @@ import functools
 import pytest
 import torch
 
-from t2r.feature_maps import build_feature_map
+from t2r.modeling.feature_maps import build_feature_map
+from t2r.ops.state import HybridAttentionState, LinearAttentionState
 from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
-from t2r.state import HybridAttentionState, LinearAttentionState
 from tests.test_ops import assert_close
 
 B, H, G, D = 2, 4, 2, 12  # GQA: 4 query heads read 2 key/value heads

@@ -1,50 +1,14 @@
-"""Causal linear attention in three forms sharing one signature.
+"""The maths of causal linear attention, with no transformers and nothing of t2r above it.
 
-    op(q, k, v, initial_state=None, eps=...) -> (out, final_state)
+Every form shares one signature, `op(q, k, v, initial_state=None, eps=...) -> (out, final_state)`:
+    reference.py         the spec: quadratic parallel form and the one-token recurrent step, fp32
+    chunked.py           exact chunked form, memory O(T * C)
+    windowed.py          the spec of the hybrid (softmax over sinks + a window, linear before it)
+    windowed_chunked.py  exact chunked hybrid, memory O(T * (C + W))
+    state.py             the state types passed in and returned
+    dispatch.py          `attention_op(form, chunk_size, hybrid)`: one op by name
 
-`parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
-the single-token step. Pick one by name with `attention_op` (also the hybrid ops of `ops.windowed`).
+This file imports nothing, so that the names of the forms are known without loading torch.
 """
 
-from __future__ import annotations
-
-import functools
-from collections.abc import Callable
-
-import torch
-
-from t2r.config import FORMS
-from t2r.errors import UsageError
-from t2r.ops.chunked import chunked_linear_attention
-from t2r.ops.reference import causal_linear_attention, linear_attention_step, recurrent_linear_attention
-from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
-from t2r.ops.windowed_chunked import chunked_windowed_attention
-from t2r.state import LinearAttentionState
-
-AttentionOp = Callable[..., tuple[torch.Tensor, LinearAttentionState]]
-
-__all__ = [
-    "AttentionOp",
-    "attention_op",
-    "causal_linear_attention",
-    "chunked_linear_attention",
-    "linear_attention_step",
-    "recurrent_linear_attention",
-]
-
-
-# Per form: (pure linear op, hybrid window + linear op of `ops.windowed`).
-_OPS_BY_FORM = {
-    "parallel": (causal_linear_attention, windowed_attention),
-    "chunked": (chunked_linear_attention, chunked_windowed_attention),
-    "recurrent": (recurrent_linear_attention, recurrent_windowed_attention),
-}
-
-
-def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False) -> AttentionOp:
-    """The op for a form name: 'parallel', 'chunked' or 'recurrent'; `hybrid` picks the window +
-    linear op (`ops.windowed`, its own signature) instead of pure linear attention."""
-    if form not in _OPS_BY_FORM:
-        raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
-    op = _OPS_BY_FORM[form][hybrid]
-    return functools.partial(op, chunk_size=chunk_size) if form == "chunked" else op
+FORMS = ("parallel", "chunked", "recurrent")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from t2r.ops.reference import _start
-from t2r.state import LinearAttentionState
+from t2r.ops.state import LinearAttentionState
 
 
 def chunked_linear_attention(

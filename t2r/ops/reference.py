@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from t2r.state import LinearAttentionState
+from t2r.ops.state import LinearAttentionState
 
 
 def _start(q: torch.Tensor, v: torch.Tensor, state: LinearAttentionState | None) -> LinearAttentionState:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from t2r.state import HybridAttentionState, LinearAttentionState
+from t2r.ops.state import HybridAttentionState, LinearAttentionState
 
 FeatureMapFn = Callable[[torch.Tensor], torch.Tensor]
 

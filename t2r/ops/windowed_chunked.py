@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from t2r.ops.state import HybridAttentionState
 from t2r.ops.windowed import (
     FeatureMapFn,
     combine,
@@ -27,7 +28,6 @@ from t2r.ops.windowed import (
     softmax_with_sinks,
     take_sinks,
 )
-from t2r.state import HybridAttentionState
 
 
 def _blocks(x: torch.Tensor, size: int, step: int) -> torch.Tensor:

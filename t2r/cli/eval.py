@@ -1,0 +1,153 @@
+"""`t2r eval`: perplexity on text files in windows, or along one long stream (`--long`); with
+`--teacher`, KL(teacher||model) and top-1 agreement on the same tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from t2r.cli.common import Formatter, positive_int, token_counts
+from t2r.errors import UsageError
+from t2r.modeling.config import WEIGHT_FORMATS
+from t2r.ops import FORMS
+
+AUTO_TEACHER = "<base model>"
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "eval", help="perplexity on a text file, optionally fidelity to the teacher", formatter_class=Formatter
+    )
+    parser.add_argument("model", help="a converted model folder, or any teacher (alias, .gguf, folder, hub id)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="a UTF-8 text file; repeat to score several joined into one document",
+    )
+    parser.add_argument("--max-tokens", type=positive_int, default=None, help="score the first N tokens (default: all)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens")
+    parser.add_argument("--stride", type=positive_int, default=None, help="window step (default: --seq-len)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="windows per batch (default: 4; 16 with --mode recurrent, which batches well)",
+    )
+    parser.add_argument("--mode", choices=FORMS, default="chunked", help="attention form of a converted model")
+    parser.add_argument(
+        "--teacher",
+        nargs="?",
+        const=AUTO_TEACHER,
+        default=None,
+        help="also report KL(teacher||model) and top-1 agreement; without a value, the model's base model "
+        "(default: no teacher)",
+    )
+    parser.add_argument(
+        "--long", action="store_true", help="score the text as one stream through the state, per position bucket"
+    )
+    parser.add_argument(
+        "--buckets", type=token_counts, default=(2048, 8192, 16384), help="--long: bucket edges in tokens"
+    )
+    parser.add_argument("--segment", type=positive_int, default=1024, help="--long: tokens per forward pass")
+    parser.add_argument(
+        "--weights", choices=WEIGHT_FORMATS, default="fp32", help="score with the projections `generate` decodes with"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from t2r.data.textfile import read_text
+    from t2r.hub import load_model
+    from t2r.modeling.model import T2RForCausalLM
+    from t2r.modeling.quantize import with_weights
+
+    stride = args.stride or args.seq_len
+    if stride > args.seq_len:
+        raise UsageError(f"--stride {stride} is larger than --seq-len {args.seq_len}: tokens would be skipped")
+    text = "\n\n".join(read_text(path) for path in args.data)
+    data_name = ",".join(str(path) for path in args.data)
+    model, tokenizer = load_model(args.model)
+    model = with_weights(model, args.weights)
+    if args.long and not isinstance(model, T2RForCausalLM):
+        raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")
+    teacher, teacher_spec = load_eval_teacher(args.teacher, model)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"{data_name}: fewer than 2 tokens, nothing to score")
+    if args.long:
+        report_long(args, model, ids, teacher, data_name)
+    else:
+        report_windows(args, model, ids, teacher, teacher_spec, data_name, stride)
+
+
+def load_eval_teacher(spec: str | None, model: Any) -> tuple[Any, str | None]:
+    """The softmax teacher that `--teacher` names (AUTO_TEACHER: the model's base model), or None."""
+    from t2r.hub import load_model
+    from t2r.modeling.model import T2RForCausalLM
+
+    if spec is None:
+        return None, None
+    if spec == AUTO_TEACHER:
+        spec = model.config.base_model if isinstance(model, T2RForCausalLM) else None
+        if spec is None:
+            raise UsageError("--teacher needs a model here (this model records no base model)")
+    teacher, _ = load_model(spec)
+    if isinstance(teacher, T2RForCausalLM):
+        raise UsageError(f"--teacher {spec} is a converted model; name the softmax teacher")
+    return teacher, spec
+
+
+def report_windows(
+    args: argparse.Namespace, model: Any, ids: Any, teacher: Any, teacher_spec: str | None, data_name: str, stride: int
+) -> None:
+    from t2r.evaluation.perplexity import evaluate
+
+    batch_size = args.batch_size or (16 if args.mode == "recurrent" else 4)
+    result = evaluate(model, ids, args.seq_len, stride, args.mode, teacher, batch_size)
+    record = {"model": args.model, "weights": args.weights, "data": data_name, **result.to_dict()}
+    if teacher is not None:
+        record["teacher"] = teacher_spec
+    if args.json:
+        print(json.dumps(record))
+        return
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens "
+        f"({result.windows} windows of {result.seq_len}, stride {result.stride}, {result.mode}, "
+        f"{result.seconds:.0f} s)"
+    )
+    if teacher is not None:
+        print(f"KL(teacher||model) {result.kl:.4f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
+
+
+def report_long(args: argparse.Namespace, model: Any, ids: Any, teacher: Any, data_name: str) -> None:
+    from t2r.evaluation.long_context import score_long
+
+    result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
+    record = {"model": args.model, "data": data_name, "teacher": args.teacher, **result.to_dict()}
+    if args.json:
+        print(json.dumps(record))
+        return
+    rows = [f"{'positions':<16}{'tokens':>8}{'perplexity':>12}{'teacher':>10}{'KL':>8}{'top-1':>8}"]
+    for bucket in record["buckets"]:
+        teacher_ppl = bucket.get("teacher_perplexity")
+        rows.append(
+            f"{bucket['begin']:>6}-{bucket['end']:<9}{bucket['tokens']:>8}{bucket['perplexity']:>12.3f}"
+            + (f"{teacher_ppl:>10.3f}" if teacher_ppl is not None else f"{'-':>10}")
+            + (f"{bucket['kl']:>8.3f}{bucket['top1_agreement']:>8.3f}" if "kl" in bucket else f"{'-':>8}{'-':>8}")
+        )
+    print("\n".join(rows))
+    beyond = f"; the teacher ran on the first {result.teacher_context:,} tokens (its context)" if teacher else ""
+    print(
+        f"{result.tokens:,} tokens as one stream in segments of {result.segment}; state "
+        f"{result.state_bytes[0]:,} bytes after the first segment, {result.state_bytes[-1]:,} after the last"
+        f"{beyond}; {result.seconds:.0f} s"
+    )

@@ -1,0 +1,127 @@
+"""`t2r generate`: prefill the prompts, then decode from the constant-size recurrent state."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from t2r.cli.common import Formatter, bounded_float, peak_rss_bytes, positive_int
+from t2r.errors import UsageError
+from t2r.modeling.config import WEIGHT_FORMATS
+
+
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    """How the decode step runs: weight format and compilation."""
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHT_FORMATS,
+        default="fp32",
+        help="decode with fp32, bf16, int8 or int4 weight-only projections (the state stays fp32)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "generate", help="decode from a converted model, one token at a time", formatter_class=Formatter
+    )
+    parser.add_argument("model", help="a converted model folder")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="repeatable: several prompts decode as one batch (rows leave as they finish)",
+    )
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens to decode per prompt")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    parser.add_argument("--temperature", type=bounded_float(0.0, 100.0), default=1.0, help="sampling temperature")
+    parser.add_argument("--top-p", type=bounded_float(0.0, 1.0), default=1.0, help="nucleus sampling mass")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    add_decode_flags(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from t2r.hub import load_model
+    from t2r.inference.generate import generate_batch
+    from t2r.inference.sampling import Sampling
+    from t2r.modeling.fast_decode import Decoder
+    from t2r.modeling.model import T2RForCausalLM
+    from t2r.modeling.quantize import with_weights
+
+    model, tokenizer = load_model(args.model)
+    if not isinstance(model, T2RForCausalLM):
+        raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{args.model} has no chat template; drop --chat")
+    prompts = [encode(tokenizer, prompt, args.chat) for prompt in args.prompt]
+    stop_ids = frozenset() if args.ignore_eos else eos_ids(tokenizer, model)
+    sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    model = with_weights(model, args.weights)
+    decoder = Decoder(compile=args.compile)
+    if len(prompts) == 1:  # stream the one completion as it is decoded
+        import torch
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(tokenizer, skip_special_tokens=True)
+        print(args.prompt[0] if not args.chat else "", end="", flush=True)
+        stream = lambda row, token: streamer.put(torch.tensor([token]))  # noqa: E731
+        results = generate_batch(model, prompts, args.max_new_tokens, sampling, stream, stop_ids, decoder)
+        streamer.end()
+    else:
+        results = generate_batch(model, prompts, args.max_new_tokens, sampling, stop_ids=stop_ids, step=decoder)
+        for prompt, result in zip(args.prompt, results, strict=True):
+            text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
+            print(f"--- {prompt!r}\n{prompt if not args.chat else ''}{text}", flush=True)
+    print(speed_line(results, args.compile), file=sys.stderr)
+
+
+def encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
+    """A prompt's token ids [T] (through the chat template with `chat`)."""
+    import torch
+
+    if chat:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=not chat).input_ids, dtype=torch.long)
+    if len(ids) == 0:
+        raise UsageError("a prompt is empty")
+    return ids
+
+
+def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """Every end-of-text id the tokenizer or the teacher's config names."""
+    ids = {tokenizer.eos_token_id, getattr(model.base.config, "eos_token_id", None)}
+    flat: set[int] = set()
+    for value in ids:
+        if isinstance(value, int):
+            flat.add(value)
+        elif isinstance(value, list):
+            flat.update(v for v in value if isinstance(v, int))
+    return frozenset(flat)
+
+
+def speed_line(results: list[Any], compiled: bool) -> str:
+    """The last line on stderr: tokens, prefill, first step, steady speed, state size, peak memory."""
+    result = results[0]
+    new_tokens = sum(len(r.new_tokens) for r in results)
+    # The first token of each row comes from the prefill's logits: decoding made the rest. The
+    # speed leaves out the first decode step, where a compiled step compiles (printed apart).
+    steady_seconds = result.decode_seconds - result.first_step_seconds
+    rate = result.later_step_rows / steady_seconds if result.later_step_rows and steady_seconds > 0 else 0.0
+    growth = (
+        f" (+{result.bytes_per_token:,} bytes per token: KV cache of the softmax layers)"
+        if result.bytes_per_token
+        else ", constant"
+    )
+    more = f" (and {len(results) - 1} more prompts, one batch)" if len(results) > 1 else ""
+    return (
+        f"[{new_tokens} new tokens after a {result.prompt_tokens}-token prompt{more}; "
+        f"prefill {result.prefill_seconds:.2f} s; first step {result.first_step_seconds:.2f} s"
+        f"{' (compiling)' if compiled else ''}; then {rate:.1f} tokens/s; "
+        f"state {result.state_bytes / 2**20:.2f} MiB{growth}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]"
+    )

@@ -1,0 +1,99 @@
+"""What an architecture adapter tells t2r about one Hugging Face model family.
+
+An adapter is the only place that knows a family's attribute names (`model.model.layers`,
+`transformer.h`, `c_attn`, ...). t2r runs the decoder itself, block by block, so that it can pass
+each attention layer its recurrent state explicitly; the adapter supplies the pieces around the
+attention (embeddings, the residual block, final norm, head), all reused unchanged from the teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+Attend = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """query_heads H, key/value heads (GQA: H is a multiple of it), head_dim D."""
+
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+class Adapter:
+    """Base class; one subclass per family, registered in `t2r.modeling.adapters`."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    # Module-name suffixes (inside a converted model) of the attention projections LoRA adapts.
+    lora_targets: tuple[str, ...] = ()
+
+    def head_shape(self, config: Any) -> HeadShape:
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        raise NotImplementedError
+
+    def attention_name(self) -> str:
+        """Attribute name of the attention module inside one block."""
+        raise NotImplementedError
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [B, T] -> hidden [B, T, E]."""
+        raise NotImplementedError
+
+    def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+        """Per-forward positional data for `project` (RoPE cos/sin), or None."""
+        return None
+
+    def project_heads(
+        self, attention: nn.Module, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], before positions are applied."""
+        raise NotImplementedError
+
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply rotary positions to q and k (identity for a family without them)."""
+        return q, k
+
+    def project(
+        self, attention: nn.Module, hidden: torch.Tensor, rotary: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], positions applied."""
+        q, k, v = self.project_heads(attention, hidden)
+        q, k = self.apply_rotary(q, k, rotary)
+        return q, k, v
+
+    def context_length(self, config: Any) -> int | None:
+        """The longest sequence the teacher takes, in positions (None: no limit known)."""
+        return getattr(config, "max_position_embeddings", None)
+
+    def softmax_scale(self, attention: nn.Module) -> float:
+        """The teacher's factor on q . k before its softmax."""
+        return float(attention.scaling)
+
+    def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
+        """[B, T, H * D] -> [B, T, E]: the output projection (and its dropout)."""
+        raise NotImplementedError
+
+    def block(self, layer: nn.Module, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """One decoder block with `attend` in place of its attention: [B, T, E] -> [B, T, E]."""
+        raise NotImplementedError
+
+    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [B, T, E] -> logits [B, T, V]."""
+        raise NotImplementedError
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention_name())
+
+    def set_attention(self, layer: nn.Module, module: nn.Module) -> None:
+        setattr(layer, self.attention_name(), module)

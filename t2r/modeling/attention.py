@@ -1,0 +1,202 @@
+"""The drop-in attention modules: the teacher's projections around a new attention computation.
+
+`LinearAttention.forward(hidden, rotary, mask, state, form)` runs any of the three forms of
+`t2r.ops` (parallel, chunked, recurrent) with the same weights: prefill, scoring and decoding are
+the same maths. With `window > 0` it is the hybrid of `ops.windowed` (exact softmax over the last
+`window` tokens, linear attention before them, a learned share per head). `SoftmaxAttention` keeps a
+layer exact (`--softmax-layers`), with a KV cache as its state. The state goes in and comes out;
+no module holds any.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from t2r.modeling.adapters.base import Adapter, HeadShape
+from t2r.modeling.feature_maps import FeatureMap
+from t2r.ops.dispatch import attention_op
+from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState
+from t2r.ops.windowed import repeat_heads
+
+
+class LinearAttention(nn.Module):
+    """Replaces one softmax attention layer by linear (window 0) or hybrid attention.
+
+    projections: the teacher's attention module, kept whole; the adapter reads its q/k/v/o
+        projections, so those weights are the teacher's own tensors.
+    feature_map_q: phi for queries; feature_map_k: phi for keys, or None when tied (phi_q is used).
+    window: softmax window W in tokens (0: pure linear attention).
+    rotary_features: the feature maps see q and k with rotary positions applied (as the teacher's
+        softmax does); False feeds them q and k before positions, so that the linear part is the
+        same function at every position, also beyond the teacher's context (the window keeps order).
+    window_logit [H]: sigmoid of it is each head's share of the softmax part (window > 0 only).
+    decay: the linear part's per-token forgetting factor in (0, 1) (window > 0 only), or None.
+    sinks: the first `sinks` tokens stay in the softmax part for good (window > 0 only).
+    """
+
+    def __init__(
+        self,
+        projections: nn.Module,
+        adapter: Adapter,
+        shape: HeadShape,
+        feature_map_q: FeatureMap,
+        feature_map_k: FeatureMap | None,
+        eps: float,
+        window: int = 0,
+        rotary_features: bool = True,
+        chunk_size: int = 64,
+        decay: float | None = None,
+        sinks: int = 0,
+    ) -> None:
+        super().__init__()
+        self.projections = projections
+        self.feature_map_q = feature_map_q
+        self.feature_map_k = feature_map_k
+        self.adapter = adapter
+        self.shape = shape
+        self.eps = eps
+        self.window = window
+        self.rotary_features = rotary_features
+        self.chunk_size = chunk_size
+        self.decay = decay
+        self.sinks = sinks
+        if window > 0:
+            weight = next(feature_map_q.parameters(), None)
+            dtype = torch.float32 if weight is None else weight.dtype
+            self.window_logit = nn.Parameter(torch.zeros(shape.query_heads, dtype=dtype))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.feature_map_q.out_dim
+
+    def key_map(self) -> FeatureMap:
+        return self.feature_map_q if self.feature_map_k is None else self.feature_map_k
+
+    def decay_per_head(self) -> torch.Tensor | None:
+        """[H] fp32 forgetting factors of the linear part, or None."""
+        if self.decay is None:
+            return None
+        return torch.full((self.shape.query_heads,), self.decay, device=self.window_logit.device)
+
+    def init_state(
+        self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> LinearAttentionState | HybridAttentionState:
+        shape = self.shape
+        if self.window == 0:
+            return LinearAttentionState.zeros(batch, shape.query_heads, self.feature_dim, shape.head_dim, device)
+        return HybridAttentionState.zeros(
+            batch,
+            shape.query_heads,
+            shape.kv_heads,
+            self.feature_dim,
+            shape.head_dim,
+            self.window,
+            dtype,
+            device,
+            self.sinks,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: Any,
+        mask: torch.Tensor,
+        state: LinearAttentionState | HybridAttentionState,
+        form: str,
+        sink_rotary: Any = None,
+    ) -> tuple[torch.Tensor, LinearAttentionState | HybridAttentionState]:
+        """hidden [B, T, E], mask [B, T] (1 = real token, 0 = padding) -> out [B, T, E], next state.
+
+        sink_rotary: rotary data for the queries that score the sinks (`T2RForCausalLM.sink_rotary`),
+        None for the tokens' own.
+        """
+        q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
+        q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary)
+        q_features, k_features = (q, k) if self.rotary_features else (q_raw, k_raw)
+        phi_q = self.feature_map_q(q_features)  # [B, H, T, F]
+        if self.window == 0:
+            heads = self.shape.query_heads
+            k_features, v = repeat_heads(k_features, heads), repeat_heads(v, heads)  # GQA, as in the teacher
+            # A padded key leaves the numerator and the normaliser: zero its features.
+            phi_k = self.key_map()(k_features) * mask[:, None, :, None].to(k_features.dtype)
+            op = attention_op(form, self.chunk_size)
+            out, next_state = op(phi_q, phi_k, v, initial_state=state, eps=self.eps)  # [B, H, T, D]
+        else:
+            op = attention_op(form, self.chunk_size, hybrid=True)
+            out, next_state = op(
+                q, k, v, phi_q, k_features, mask.bool(), state,
+                feature_map_k=self.key_map(),
+                window_share=torch.sigmoid(self.window_logit),
+                scale=self.adapter.softmax_scale(self.projections),
+                eps=self.eps,
+                decay=self.decay_per_head(),
+                sink_queries=self.sink_queries(q_raw, k_raw, sink_rotary),
+            )  # fmt: skip
+        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+        return self.adapter.output(self.projections, out), next_state
+
+    def sink_queries(self, q_raw: torch.Tensor, k_raw: torch.Tensor, sink_rotary: Any) -> torch.Tensor | None:
+        """q_raw [B, H, T, D] rotated by sink_rotary, or None (the ops then use q itself)."""
+        if sink_rotary is None or not self.sinks:
+            return None
+        return self.adapter.apply_rotary(q_raw, k_raw, sink_rotary)[0]
+
+
+class SoftmaxAttention(nn.Module):
+    """A layer kept as the teacher's exact softmax attention; its state is a KV cache.
+
+    Memory grows by 2 * kv_heads * head_dim values per token: what `--softmax-layers` costs.
+    """
+
+    def __init__(self, projections: nn.Module, adapter: Adapter, shape: HeadShape) -> None:
+        super().__init__()
+        self.projections = projections
+        self.adapter = adapter
+        self.shape = shape
+
+    def init_state(
+        self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> KVCacheState:
+        return KVCacheState.empty(batch, self.shape.kv_heads, self.shape.head_dim, dtype, device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rotary: Any,
+        mask: torch.Tensor,
+        state: KVCacheState,
+        form: str,
+        sink_rotary: Any = None,
+    ) -> tuple[torch.Tensor, KVCacheState]:
+        """hidden [B, T, E], mask [B, T] -> out [B, T, E], the cache with these T tokens appended.
+
+        sink_rotary is unused: the teacher's own attention has no sinks to cap.
+
+        Every form is the same computation here: the cache makes one token as cheap as it gets.
+        """
+        q, k, v = self.adapter.project(self.projections, hidden, rotary)
+        cache = KVCacheState(
+            keys=torch.cat([state.keys, k.to(state.keys.dtype)], dim=2),
+            values=torch.cat([state.values, v.to(state.values.dtype)], dim=2),
+            valid=torch.cat([state.valid, mask.bool()], dim=1),
+        )
+        length, total = q.shape[2], cache.keys.shape[2]
+        query_slot = torch.arange(length, device=q.device)[:, None] + (total - length)
+        key_slot = torch.arange(total, device=q.device)[None, :]
+        # Causal and real keys only; a query always sees its own slot, so a padded query has a
+        # finite (unused) output instead of a softmax over nothing.
+        allowed = ((key_slot <= query_slot) & cache.valid[:, None, None, :]) | (key_slot == query_slot)
+        heads = self.shape.query_heads
+        out = F.scaled_dot_product_attention(
+            q,
+            repeat_heads(cache.keys, heads).to(q.dtype),
+            repeat_heads(cache.values, heads).to(q.dtype),
+            attn_mask=allowed,
+            scale=self.adapter.softmax_scale(self.projections),
+        )
+        out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+        return self.adapter.output(self.projections, out), cache

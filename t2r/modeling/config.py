@@ -1,0 +1,106 @@
+"""The t2r settings of a converted model: a small frozen dataclass saved as JSON beside the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from t2r.errors import UsageError
+
+FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")  # how decoding may store the projections (t2r.modeling.quantize)
+# The softmax window in tokens of the default hybrid (0 is pure linear attention).
+DEFAULT_WINDOW = 64
+# The linear part's half-life in tokens when a window is used and none is given (see T2RConfig).
+DEFAULT_HALF_LIFE = 512
+# Attention sinks kept in the softmax part when a window is used and none are given (see T2RConfig).
+DEFAULT_SINKS = 4
+
+
+@dataclass(frozen=True)
+class T2RConfig:
+    """How the softmax attention of a teacher is replaced.
+
+    feature_map: one of FEATURE_MAPS.
+    feature_dim: size of the learned / random projection (t2r, rfa, hedgehog); `None` picks the
+        map's default (32 for t2r, 64 random features for rfa, head_dim for hedgehog). ELU+1 keeps
+        head_dim.
+    tie_qk: one feature map shared by queries and keys (the T2R paper) or one each.
+    eps: added to the fp32 denominator; feature maps are non-negative, so it is never 0/0.
+    chunk_size: block length of the chunked form (memory O(T * chunk_size)).
+    seed: seeds the initial feature-map parameters (and the fixed random features of rfa).
+    base_model: how the teacher was named when converting (`--model`), kept for `eval --teacher`.
+    window: exact softmax attention over the last `window` tokens, linear attention for older ones
+        (the LoLCATs hybrid); 0 is pure linear attention. Memory stays constant either way.
+    rotary_features: the feature maps see q and k with rotary positions applied; False (the
+        default with a window) feeds them q and k before positions, which makes the linear part
+        position-free, so it runs unchanged past the teacher's context; the window keeps the order.
+    softmax_layers: indices of layers kept as exact softmax attention (a KV cache that grows).
+    half_life: with a window, the linear part forgets: a key's weight halves every `half_life`
+        tokens after it leaves the window (0: never forgets, the plain LoLCATs sum; None:
+        DEFAULT_HALF_LIFE with a window, 0 without). Bounded, the linear state holds as much as it
+        held in training at any length, instead of growing with the length.
+    sinks: with a window, the first `sinks` tokens of a sequence stay in the softmax part for good
+        (attention sinks: the teacher parks much of its attention there); None: DEFAULT_SINKS with
+        a window, 0 without. Constant memory: `sinks` keys and values per layer.
+    """
+
+    feature_map: str = "t2r"
+    feature_dim: int | None = None
+    tie_qk: bool = True
+    eps: float = 1e-6
+    chunk_size: int = 64
+    seed: int = 0
+    base_model: str | None = None
+    window: int = DEFAULT_WINDOW
+    rotary_features: bool = False
+    softmax_layers: tuple[int, ...] = ()
+    half_life: int | None = None
+    sinks: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
+        if self.window < 0:
+            raise UsageError(f"window must be >= 0, got {self.window}")
+        if self.half_life is None:
+            object.__setattr__(self, "half_life", DEFAULT_HALF_LIFE if self.window else 0)
+        if self.half_life < 0:
+            raise UsageError(f"half life must be >= 0 tokens, got {self.half_life}")
+        if self.half_life and not self.window:
+            raise UsageError("--half-life needs a window (--window > 0): pure linear attention never forgets")
+        if self.sinks is None:
+            object.__setattr__(self, "sinks", DEFAULT_SINKS if self.window else 0)
+        if self.sinks < 0:
+            raise UsageError(f"sinks must be >= 0 tokens, got {self.sinks}")
+        if self.sinks and not self.window:
+            raise UsageError("--sinks needs a window (--window > 0): sinks are softmax slots beside the window")
+        if any(index < 0 for index in self.softmax_layers):
+            raise UsageError("softmax layer indices must be >= 0")
+        if self.feature_map not in FEATURE_MAPS:
+            raise UsageError(f"unknown feature map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
+        if self.feature_dim is not None and self.feature_dim < 1:
+            raise UsageError(f"feature dim must be a positive integer, got {self.feature_dim}")
+        if self.chunk_size < 1:
+            raise UsageError(f"chunk size must be a positive integer, got {self.chunk_size}")
+        if not self.eps > 0:
+            raise UsageError(f"eps must be positive, got {self.eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> T2RConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {key: value for key, value in values.items() if key in known}
+        # Models saved before the hybrid existed are pure linear with features after rotary.
+        values.setdefault("window", 0)
+        values.setdefault("rotary_features", True)
+        values.setdefault("half_life", 0)
+        values.setdefault("sinks", 0)
+        values["softmax_layers"] = tuple(values.get("softmax_layers", ()))
+        return cls(**values)
+
+    def decay(self) -> float | None:
+        """The per-token factor of the linear state, 2^(-1 / half_life), or None (no forgetting)."""
+        return 2.0 ** (-1.0 / self.half_life) if self.half_life else None

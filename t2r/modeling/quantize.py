@@ -1,0 +1,126 @@
+"""Smaller weights for decoding: bf16, int8 or int4 weight-only; the state stays fp32.
+
+Batch-1 decoding reads every weight once per token, so its speed is bounded by memory bandwidth
+divided by the bytes of the weights: bf16 halves them, int8 quarters them, int4 takes an eighth
+(plus a scale and a zero per group of 32). Only the big projections are replaced (attention
+q/k/v/o, the MLP, the output head); the feature maps, the norms and the embedding lookup stay.
+- `Int8Linear`: an int8 matrix and one scale per output row (w ~ scale * w_int8, round to nearest),
+  multiplied by PyTorch's `_weight_int8pack_mm` CPU kernel, which reads the int8 weights directly.
+- `Int4Linear`: 4-bit codes with a scale and a zero per group of 32 inputs of each output row
+  (w ~ (q - 8) * scale + zero, q in 0..15; min/max per group), multiplied by PyTorch's
+  `_weight_int4pack_mm_for_cpu` kernel. The default model's GGUF stores its weights as 4-bit
+  blocks of 32 with a scale and a minimum (Q4_1), the same grid: its weights round-trip up to
+  bf16 rounding (the kernel's scales, zeros and arithmetic are bf16).
+Both kernels take bf16 activations: measured here, the int8 kernel at batch 1 is ~8x slower with
+fp32 ones (a slow path), and the int4 kernel takes only bf16. Inputs are cast in and outputs back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from t2r.errors import UsageError
+from t2r.modeling.config import WEIGHT_FORMATS
+
+GEMV_ROWS = 16  # up to this many rows (decode batches), the int8 kernel; more (a prefill), dequantise
+INT4_GROUP = 32  # inputs per scale and zero (the GGUF Q4_1 block)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (scale * w_int8).T + bias, for x [..., in] in fp32: weight int8 [out, in], scale [out]."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # the kernel's bf16 path
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        if flat.shape[0] > GEMV_ROWS:
+            # A prefill is compute-bound: one dequantised matrix and a BLAS GEMM beat the int8 kernel.
+            out = flat @ (self.weight.float() * self.scale[:, None]).T
+        else:
+            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale_bf16).float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w.T + bias with w [out, in] stored as 4-bit codes, for x [..., in] in any float dtype.
+
+    packed [out, in / 2] uint8 (the kernel's layout); scales_and_zeros [in / 32, out, 2] bf16; per
+    group g of 32 inputs of row o: w[o, g*32 + i] = (q - 8) * scale[g, o] + zero[g, o].
+    """
+
+    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        weight = linear.weight.detach().float().view(out_features, in_features // group, group)
+        low, high = weight.amin(-1), weight.amax(-1)  # [out, groups]
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((weight - low[..., None]) / scale[..., None]).clamp(0, 15)
+        zero = low + 8 * scale  # (q - 8) * scale + zero == q * scale + low
+        codes = codes.view(out_features, in_features).to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+
+    @staticmethod
+    def fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
+        """Whether the kernel takes this shape (whole groups of inputs, rows in blocks of 16)."""
+        out_features, in_features = linear.weight.shape
+        return in_features % group == 0 and out_features % 16 == 0
+
+    def dequantised(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [out, in] fp32 (for tests)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        columns = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros)
+        return columns.float().T.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros).float()
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _replaceable(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and "feature_map" not in name
+
+
+def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
+    """A copy of `model` whose projections are stored in `weight_format` (the original is untouched).
+
+    fp32 returns the model itself; bf16 casts every parameter (the decode state stays fp32);
+    int8 / int4 replace each big nn.Linear by an Int8Linear / Int4Linear (quantised once, here;
+    with int4, the output head and any projection whose shape the int4 kernel does not take are
+    int8).
+    """
+    if weight_format not in WEIGHT_FORMATS:
+        raise UsageError(f"unknown weight format {weight_format!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    if weight_format == "fp32":
+        return model
+    if weight_format == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16)
+    replaced = copy.deepcopy(model)
+    heads = [m.get_output_embeddings() for m in replaced.modules() if hasattr(m, "get_output_embeddings")]
+    targets = [(name, module) for name, module in replaced.named_modules() if _replaceable(name, module)]
+    for name, module in targets:
+        # int4: the output head stays 8-bit (the GGUF's token embedding is Q8_0; at 4 bits the
+        # converted model's WikiText-2 top-1 agreement fell from 0.83 to 0.73).
+        four_bits = weight_format == "int4" and all(module is not h for h in heads) and Int4Linear.fits(module)
+        parent_name, _, child = name.rpartition(".")
+        parent = replaced.get_submodule(parent_name) if parent_name else replaced
+        setattr(parent, child, Int4Linear(module) if four_bits else Int8Linear(module))
+    return replaced

@@ -1,0 +1,39 @@
+"""Pick an attention op by the name of its form: 'parallel', 'chunked' or 'recurrent'.
+
+`parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
+the single-token step; `hybrid` picks the window + linear op of `ops.windowed` (its own signature)
+instead of pure linear attention.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from t2r.errors import UsageError
+from t2r.ops import FORMS
+from t2r.ops.chunked import chunked_linear_attention
+from t2r.ops.reference import causal_linear_attention, recurrent_linear_attention
+from t2r.ops.state import LinearAttentionState
+from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
+from t2r.ops.windowed_chunked import chunked_windowed_attention
+
+AttentionOp = Callable[..., tuple[torch.Tensor, LinearAttentionState]]
+
+# Per form: (pure linear op, hybrid window + linear op of `ops.windowed`).
+_OPS_BY_FORM = {
+    "parallel": (causal_linear_attention, windowed_attention),
+    "chunked": (chunked_linear_attention, chunked_windowed_attention),
+    "recurrent": (recurrent_linear_attention, recurrent_windowed_attention),
+}
+assert tuple(_OPS_BY_FORM) == FORMS
+
+
+def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False) -> AttentionOp:
+    """The op of a form; `chunk_size` is bound for the chunked form."""
+    if form not in _OPS_BY_FORM:
+        raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+    op = _OPS_BY_FORM[form][hybrid]
+    return functools.partial(op, chunk_size=chunk_size) if form == "chunked" else op

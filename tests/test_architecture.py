@@ -1,0 +1,156 @@
+"""The package's layout holds: imports run one way (down the floors), the maths needs no
+transformers, only adapters know an architecture's attribute names, no module grows past ~400 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "t2r"
+
+# Each room of the package and its floor: a module may import its own floor and those below.
+FLOORS = {
+    "errors": 0,  # the two exception types every floor raises
+    "ops": 1,  # the maths and its state types
+    "modeling": 2,  # config, feature maps, attention, the model, adapters, quantize, fast decode step
+    "hub": 3,  # the file boundary with Hugging Face: teachers in, converted models in and out
+    "data": 4,  # text sources, the built-in corpus, token blocks
+    "inference": 5,  # sampling and generation
+    "evaluation": 6,  # perplexity, fidelity, long context, the bench (may generate)
+    "training": 7,  # the trainer (validates through evaluation)
+    "cli": 8,  # one module per command
+    "__main__": 9,
+}
+# Libraries of the Hugging Face stack: the maths at the bottom is plain PyTorch.
+HUGGING_FACE = ("transformers", "peft", "accelerate", "datasets", "huggingface_hub", "safetensors", "tokenizers")
+# Attribute and config names of particular families: they belong in `modeling/adapters/` only.
+FAMILY_NAMES = frozenset(
+    "q_proj k_proj v_proj o_proj c_attn c_proj query_key_value self_attn embed_tokens embed_in rotary_emb "
+    "wte wpe ln_f ln_1 ln_2 input_layernorm post_attention_layernorm final_layer_norm gpt_neox "
+    "num_key_value_heads use_parallel_residual max_position_embeddings n_positions".split()
+)
+MAX_LINES = 400
+
+
+def room(module: str) -> str:
+    """'t2r.modeling.attention' -> 'modeling'; the root package itself -> 't2r'."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "t2r"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in `source`, at any depth (a lazy import counts the same)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against this module's package
+                package = module.split(".")[: -node.level] if not module.endswith("__init__") else module.split(".")
+                base = ".".join([*package, base] if base else package)
+            found.append((node.lineno, base))
+            if base == "t2r":  # `from t2r import hub`: the submodule is what is imported
+                found += [(node.lineno, f"t2r.{alias.name}") for alias in node.names if alias.name in FLOORS]
+    return found
+
+
+def upward_imports(source: str, module: str) -> list[str]:
+    """Each import of `module`'s source that reaches a higher floor, or a public name of the root."""
+    own = room(module)
+    problems = []
+    for line, target in imported_modules(source, module):
+        if not target.startswith("t2r"):
+            continue
+        if target == "t2r":
+            continue  # the root: `import t2r` for its version; its lazy public names are checked below
+        if FLOORS[room(target)] > FLOORS[own]:
+            problems.append(f"{module}:{line} imports {target} ({room(target)} is above {own})")
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "t2r":
+            for alias in node.names:
+                if alias.name not in FLOORS and alias.name != "__version__":
+                    problems.append(f"{module}:{node.lineno} takes {alias.name} from the root; import its module")
+    return problems
+
+
+def package_modules() -> list[tuple[str, Path]]:
+    return [(module_name(path), path) for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def test_every_room_has_a_floor() -> None:
+    rooms = {room(name) for name, _ in package_modules()} - {"t2r"}
+    assert rooms == set(FLOORS), rooms ^ set(FLOORS)
+
+
+def test_imports_run_down_the_floors() -> None:
+    problems = []
+    for name, path in package_modules():
+        if name == "t2r":
+            continue
+        problems += upward_imports(path.read_text(), name)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("module", "line"),
+    [
+        ("t2r.ops.chunked", "from t2r.modeling.config import T2RConfig"),
+        ("t2r.modeling.model", "import t2r.cli"),
+        ("t2r.hub", "from t2r import cli"),
+        ("t2r.evaluation.perplexity", "def f():\n    from t2r.training.trainer import Trainer"),
+        ("t2r.inference.generate", "from t2r import T2RConfig"),
+    ],
+)
+def test_an_upward_import_is_caught(module: str, line: str) -> None:
+    """The check itself can fail: each of these lines, added to that module, is reported."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    assert not upward_imports(path.read_text(), module)
+    assert upward_imports(path.read_text() + "\n" + line + "\n", module)
+
+
+def test_the_root_package_imports_nothing_of_t2r_at_load() -> None:
+    """`import t2r` stays light: its public names load on first use."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    eager = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    assert all(not (getattr(node, "module", None) or "").startswith("t2r") for node in eager)
+
+
+def test_the_public_names_resolve() -> None:
+    import t2r
+
+    for name in t2r.__all__:
+        assert getattr(t2r, name) is not None, name
+
+
+def test_ops_use_no_hugging_face_library() -> None:
+    for name, path in package_modules():
+        if room(name) != "ops":
+            continue
+        for line, target in imported_modules(path.read_text(), name):
+            assert target.split(".")[0] not in HUGGING_FACE, f"{name}:{line} imports {target}"
+
+
+def test_family_names_live_only_in_adapters() -> None:
+    problems = []
+    for name, path in package_modules():
+        if name.startswith("t2r.modeling.adapters"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            word = node.attr if isinstance(node, ast.Attribute) else getattr(node, "value", None)
+            if isinstance(node, ast.Attribute | ast.Constant) and isinstance(word, str) and word in FAMILY_NAMES:
+                problems.append(f"{name}:{node.lineno} names {word!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_is_too_long_to_read() -> None:
+    long = {name: n for name, path in package_modules() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
