@@ -48,7 +48,7 @@ COMMON_FLAGS = [
     "50",
 ]
 RECIPES = {
-    # Issue 3's recipe: pure linear attention, 350 transfer + 70 distillation steps (~54 min).
+    # Issue 3's recipe: pure linear attention, 350 transfer + 70 distillation steps.
     "linear": {
         "flags": ["--window", "0", "--transfer-steps", "350", "--finetune-steps", "70", "--lr-finetune", "1e-3"],
         "books": ["pg1342.txt", "pg1661.txt", "pg98.txt"],
@@ -57,16 +57,12 @@ RECIPES = {
         "section": ("recipe", "Conversion recipe: teacher vs converted"),
         "json": "recipe.json",
     },
-    # The hybrid: exact softmax over the last 64 tokens, linear attention (position-free Hedgehog
-    # maps) before them. A window step costs ~1.5x a linear one (transfer ~10 s, distillation
-    # ~25 s), so fewer steps fit the hour; one novel rather than three, so that WikiText-2 valid (the
-    # teacher's input only) is ~60% of blocks. Distillation at lr 1e-3 (the linear recipe's)
-    # diverged here after ~20 steps (grad norm 0.3 -> 11, held-out agreement 0.72 -> 0.53): 2e-4.
-    # The transfer loss flattens by step ~160 (200 steps + 40 distillation: 1.28x, agreement 0.729,
-    # 49 min), and held-out agreement was still rising in distillation: 160 + 60. The linear part
-    # forgets with a half-life of 512 tokens: saturated (94%) by 2k tokens, its mass at any length
-    # stays within 1.6x of the most it held in training (448 keys). A half-life of 128 made the
-    # transfer loss ~60% higher over the first 80 steps (the teacher attends further back).
+    # The hybrid: exact softmax over the last 64 tokens and 4 sinks, linear attention (position-free
+    # Hedgehog maps, forgetting with a half-life of 512) before them. A window step costs more than a
+    # linear one, so fewer steps fit the hour; one novel rather than three, so that WikiText-2 valid
+    # (the teacher's input only) is most of the blocks; distillation at lr 2e-4 (the linear recipe's
+    # 1e-3 diverged). Why each choice, with the runs that chose it: BENCHMARKS.md, the notes on
+    # this recipe.
     "hybrid": {
         "flags": [
             "--window",

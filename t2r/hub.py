@@ -134,7 +134,7 @@ def _load_gguf(gguf: Path) -> tuple[nn.Module, Any]:
         from gguf import GGUFReader
 
         GGUFReader(gguf)  # parses the header and tensor table only: a bad file fails here, fast
-        log.info("de-quantising %s to fp32 (once, about 20 s; cached in %s)", gguf.name, cached.parent)
+        log.info("de-quantising %s to fp32 (once; cached in %s)", gguf.name, cached.parent)
         model, tokenizer = _load_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as error:  # the gguf reader raises many kinds on a bad file
         raise T2RError(f"{gguf}: cannot read GGUF weights ({_one_line(error)})") from None

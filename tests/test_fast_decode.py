@@ -169,6 +169,30 @@ def test_smaller_weights_keep_the_fast_path_exact(weights: str) -> None:
         assert all(layer.kv.dtype == torch.float32 for layer in fast.layers)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_gpt2_conv1d_projections_are_quantised_too(weights: str) -> None:
+    """GPT-2's projections are transformers `Conv1D` (x @ W, W [in, out]), not nn.Linear: every one
+    of them is replaced, and the quantised model still decodes like its reference step and near the
+    fp32 logits."""
+    from transformers.pytorch_utils import Conv1D
+
+    from t2r.modeling.quantize import Int4Linear, Int8Linear, with_weights
+
+    torch.manual_seed(0)
+    model = trained_looking(converted("gpt2", "hedgehog", tie_qk=False, window=5))
+    smaller = with_weights(model, weights)
+    left = [n for n, m in smaller.named_modules() if isinstance(m, Conv1D | torch.nn.Linear) and "feature_map" not in n]
+    assert not left, left
+    quantised = [m for m in smaller.modules() if isinstance(m, Int4Linear | Int8Linear)]
+    assert len(quantised) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp c_proj per layer; the head
+    assert_fast_path_matches_reference(smaller, fast_step, tolerance=BF16_TOLERANCE)
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        full, _ = model(ids, mask)
+        small, _ = smaller(ids, mask)
+    assert (small - full)[mask.bool()].abs().max() / full.abs().max() <= (0.05 if weights == "int8" else 0.15)
+
+
 def test_int8_linear_is_its_dequantised_matrix() -> None:
     from t2r.modeling.quantize import Int8Linear
 

@@ -36,7 +36,7 @@ def run(op, leaves, **kwargs):
     # A loss that touches the output and both parts of the final state.
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     loss = (out * weights).sum() + final.kv.mean() + (final.k_sum + 1).log().sum()
-    grads = torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)  # T = 0: q, k, v unused
     return out.detach(), final, grads
 
 
@@ -64,7 +64,7 @@ FORMS = {
 
 
 @pytest.mark.parametrize("feature_map", ["elu", "rfa", "t2r", "hedgehog"])
-@pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 300])
+@pytest.mark.parametrize("length", [0, 1, 7, 63, 64, 65, 300])
 def test_forms_match_reference(feature_map: str, length: int) -> None:
     leaves = inputs(length, feature_map)
     ref_out, ref_state, ref_grads = run(causal_linear_attention, leaves)
@@ -75,6 +75,14 @@ def test_forms_match_reference(feature_map: str, length: int) -> None:
         assert_close(state.k_sum, ref_state.k_sum, f"{name} final k_sum")
         for grad, ref_grad, leaf in zip(grads, ref_grads, ["q", "k", "v", "kv0", "k_sum0"], strict=True):
             assert_close(grad, ref_grad, f"{name} grad {leaf}")
+
+
+@pytest.mark.parametrize("op", [causal_linear_attention, *FORMS.values()])
+def test_an_empty_sequence_returns_no_output_and_the_state_it_was_given(op) -> None:
+    q, k, v, kv0, k_sum0 = (x.detach() for x in inputs(0, "t2r"))
+    out, state = op(q, k, v, initial_state=LinearAttentionState(kv0, k_sum0))
+    assert out.shape == (*v.shape[:2], 0, v.shape[-1]) and out.dtype == v.dtype
+    assert torch.equal(state.kv, kv0) and torch.equal(state.k_sum, k_sum0)
 
 
 def test_reference_matches_softmax_free_definition() -> None:

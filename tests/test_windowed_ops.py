@@ -94,7 +94,7 @@ FORMS = {
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("window", [1, 4, 64])
-@pytest.mark.parametrize("length", [1, 7, 63, 65, 150])
+@pytest.mark.parametrize("length", [0, 1, 7, 63, 65, 150])
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
 @pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
 def test_forms_match_reference(form: str, window: int, length: int, decay: torch.Tensor | None, sinks: int) -> None:
@@ -107,6 +107,20 @@ def test_forms_match_reference(form: str, window: int, length: int, decay: torch
     assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2], strict=True))
     for index, (a, b) in enumerate(zip(got[3], expected[3], strict=True)):
         assert_close(a, b, f"gradient {index}", tolerance=1e-4)
+
+
+@pytest.mark.parametrize("op", [windowed_attention, *FORMS.values()])
+def test_an_empty_sequence_returns_no_output_and_the_state_it_was_given(op) -> None:
+    phi, leaves, valid, valids = make_case(0, 4, sinks=3)
+    q, k, v, linear_q, linear_k, *_, share = (x.detach() for x in leaves)
+    state = initial_state([x.detach() for x in leaves], valids)
+    out, final = op(
+        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=DECAY
+    )
+    assert out.shape == (B, H, 0, D)
+    for name in ("keys", "values", "linear_keys", "valid", "sink_keys", "sink_values", "sink_valid"):
+        assert torch.equal(getattr(final, name), getattr(state, name)), name
+    assert torch.equal(final.linear.kv, state.linear.kv) and torch.equal(final.linear.k_sum, state.linear.k_sum)
 
 
 @pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])

@@ -265,14 +265,14 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
 class Decoder:
     """`fast_step` for one model, optionally through `torch.compile`: `decoder(model, ids, state)`.
 
-    Compiled, the ~2,500 small operations of a step (30 layers of projections, norms, RoPE, feature
-    maps, window softmax, state update) run as a few fused kernels and fewer Python calls. The
-    first call compiles (about a minute for a 30-layer model); a new batch size recompiles once,
-    then the batch dimension is dynamic. The compiled step is tested equal to `model.step`.
+    Compiled, the thousands of small operations of a step (every layer's projections, norms, RoPE,
+    feature maps, window softmax, state update) run as a few fused kernels and fewer Python calls.
+    The first call compiles (what that costs: BENCHMARKS.md, bench notes); a new batch size
+    recompiles once, then the batch dimension is dynamic. The compiled step is tested equal to
+    `model.step`.
     """
 
     def __init__(self, compile: bool = False, backend: str = "inductor") -> None:
-        self.compiled = compile
         # backend "aot_eager" traces and functionalises the same graph without generating code:
         # the quick test of the capture (in-place state updates, ring indices); inductor is the speed.
         self._step = torch.compile(fast_step, backend=backend) if compile else fast_step

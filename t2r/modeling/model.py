@@ -59,7 +59,7 @@ class T2RForCausalLM(nn.Module):
 
         A sink keeps the position it came at (0..S-1), so its offset to a query grows with the
         stream; past the teacher's context the angles of the slow RoPE frequencies would be ones
-        the teacher never saw (measured: perplexity 27 on tokens 0-8k, 345 on 16k-32k). Capped,
+        the teacher never saw (BENCHMARKS.md, the long-context notes, shows what that costs). Capped,
         a query scores each sink as the teacher did at its farthest, and nothing changes within
         the context. (The fast decode step always takes the capped positions: no host sync.)
         """

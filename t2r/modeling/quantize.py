@@ -3,7 +3,8 @@
 Batch-1 decoding reads every weight once per token, so its speed is bounded by memory bandwidth
 divided by the bytes of the weights: bf16 halves them, int8 quarters them, int4 takes an eighth
 (plus a scale and a zero per group of 32). Only the big projections are replaced (attention
-q/k/v/o, the MLP, the output head); the feature maps, the norms and the embedding lookup stay.
+q/k/v/o, the MLP, the output head: every `nn.Linear`, and every transformers `Conv1D`, GPT-2's
+transposed linear layer); the feature maps, the norms and the embedding lookup stay.
 - `Int8Linear`: an int8 matrix and one scale per output row (w ~ scale * w_int8, round to nearest),
   multiplied by PyTorch's `_weight_int8pack_mm` CPU kernel, which reads the int8 weights directly.
 - `Int4Linear`: 4-bit codes with a scale and a zero per group of 32 inputs of each output row
@@ -11,8 +12,8 @@ q/k/v/o, the MLP, the output head); the feature maps, the norms and the embeddin
   `_weight_int4pack_mm_for_cpu` kernel. The default model's GGUF stores its weights as 4-bit
   blocks of 32 with a scale and a minimum (Q4_1), the same grid: its weights round-trip up to
   bf16 rounding (the kernel's scales, zeros and arithmetic are bf16).
-Both kernels take bf16 activations: measured here, the int8 kernel at batch 1 is ~8x slower with
-fp32 ones (a slow path), and the int4 kernel takes only bf16. Inputs are cast in and outputs back.
+Both kernels take bf16 activations: the int8 kernel's fp32-activation path is a slow one at batch 1
+(BENCHMARKS.md, bench notes), and the int4 kernel takes only bf16. Inputs are cast in and outputs back.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
@@ -96,14 +98,28 @@ class Int4Linear(nn.Module):
 
 
 def _replaceable(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and "feature_map" not in name
+    return isinstance(module, nn.Linear | Conv1D) and "feature_map" not in name
+
+
+def as_linear(module: nn.Linear | Conv1D) -> nn.Linear:
+    """The nn.Linear that computes what `module` does. A Conv1D computes x @ W + b with W [in, out]:
+    the transposed weight of a Linear."""
+    if isinstance(module, nn.Linear):
+        return module
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device=module.weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(module.weight.T)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+    return linear
 
 
 def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
     """A copy of `model` whose projections are stored in `weight_format` (the original is untouched).
 
     fp32 returns the model itself; bf16 casts every parameter (the decode state stays fp32);
-    int8 / int4 replace each big nn.Linear by an Int8Linear / Int4Linear (quantised once, here;
+    int8 / int4 replace each big nn.Linear (or Conv1D) by an Int8Linear / Int4Linear (quantised once, here;
     with int4, the output head and any projection whose shape the int4 kernel does not take are
     int8).
     """
@@ -117,10 +133,11 @@ def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
     heads = [m.get_output_embeddings() for m in replaced.modules() if hasattr(m, "get_output_embeddings")]
     targets = [(name, module) for name, module in replaced.named_modules() if _replaceable(name, module)]
     for name, module in targets:
+        linear = as_linear(module)
         # int4: the output head stays 8-bit (the GGUF's token embedding is Q8_0; at 4 bits the
-        # converted model's WikiText-2 top-1 agreement fell from 0.83 to 0.73).
-        four_bits = weight_format == "int4" and all(module is not h for h in heads) and Int4Linear.fits(module)
+        # converted model's top-1 agreement with the teacher fell: BENCHMARKS.md, int4 notes).
+        four_bits = weight_format == "int4" and all(module is not h for h in heads) and Int4Linear.fits(linear)
         parent_name, _, child = name.rpartition(".")
         parent = replaced.get_submodule(parent_name) if parent_name else replaced
-        setattr(parent, child, Int4Linear(module) if four_bits else Int8Linear(module))
+        setattr(parent, child, Int4Linear(linear) if four_bits else Int8Linear(linear))
     return replaced

@@ -8,6 +8,8 @@ Every form shares one signature, `op(q, k, v, initial_state=None, eps=...) -> (o
     state.py             the state types passed in and returned
     dispatch.py          `attention_op(form, chunk_size, hybrid)`: one op by name
 
+An empty sequence (T = 0) gives an empty output [B, H, 0, D] and the state it was given, in every form.
+
 This file imports nothing, so that the names of the forms are known without loading torch.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t2r.ops.reference import _start
+from t2r.ops.reference import _start, no_tokens
 from t2r.ops.state import LinearAttentionState
 
 
@@ -26,6 +26,8 @@ def chunked_linear_attention(
     state = _start(q, v, initial_state)
     batch, heads, length, feature_dim = q.shape
     head_dim = v.shape[-1]
+    if length == 0:
+        return no_tokens(q, v), state
     chunks = -(-length // chunk_size)
     pad = chunks * chunk_size - length
     # Zero padding at the end: a zero phi(k) adds nothing to any sum; padded outputs are dropped.

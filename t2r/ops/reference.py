@@ -22,6 +22,12 @@ def _start(q: torch.Tensor, v: torch.Tensor, state: LinearAttentionState | None)
     return LinearAttentionState.zeros(batch, heads, feature_dim, v.shape[-1], q.device)
 
 
+def no_tokens(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output of an empty sequence: [B, H, 0, D] in v's dtype (H = q's heads). Every form gives
+    it for T = 0, with the state it was given, as the parallel form does by construction."""
+    return v.new_zeros(q.shape[0], q.shape[1], 0, v.shape[-1])
+
+
 def causal_linear_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -83,4 +89,4 @@ def recurrent_linear_attention(
     for t in range(q.shape[2]):
         out, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, eps)
         outputs.append(out)
-    return torch.stack(outputs, dim=2), state
+    return (torch.stack(outputs, dim=2) if outputs else no_tokens(q, v)), state

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from t2r.ops.reference import no_tokens
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 
 FeatureMapFn = Callable[[torch.Tensor], torch.Tensor]
@@ -326,4 +327,4 @@ def recurrent_windowed_attention(
             sink_queries=sink_q, **kwargs,
         )  # fmt: skip
         outputs.append(out)
-    return torch.stack(outputs, dim=2), state
+    return (torch.stack(outputs, dim=2) if outputs else no_tokens(q, v)), state

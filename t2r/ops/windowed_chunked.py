@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from t2r.ops.reference import no_tokens
 from t2r.ops.state import HybridAttentionState
 from t2r.ops.windowed import (
     FeatureMapFn,
@@ -55,6 +56,8 @@ def chunked_windowed_attention(
     """Shapes as in `ops.windowed.windowed_attention`; returns out [B, H, T, D] and the final state."""
     state = initial_state
     batch, heads, length, head_dim = q.shape
+    if length == 0:
+        return no_tokens(q, v), state
     window, size = state.window, chunk_size
     chunks = -(-length // size)
     pad = chunks * size - length  # slots added after the last token: invalid, so they add nothing

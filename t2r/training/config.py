@@ -12,8 +12,8 @@ class TrainConfig:
     """Settings of a training run (saved in the manifest; a resumed run must match them).
 
     batch_size counts blocks of seq_len tokens per optimizer step on each process, split into
-    grad_accum micro-batches. The defaults fit an hour on 2 CPU cores with the default window-64
-    hybrid (a transfer step ~10 s, a distillation step ~27 s); the recipes of BENCHMARKS.md
+    grad_accum micro-batches. The defaults are sized for about an hour on 2 CPU cores with the
+    default window-64 hybrid (what a step costs: BENCHMARKS.md, the recipes); the recipes
     (scripts/recipe.py) set their own step counts. Fine-tuning is distillation from the teacher's logits alone
     (ce_weight 0), which serves fidelity to the teacher best; --ce-weight adds next-token loss.
     """

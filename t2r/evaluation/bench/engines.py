@@ -230,9 +230,9 @@ def converted_cases_from_folder(
     weights: dict[str, int] = {}
     fp32_prefill = None
     for weight_format, variant, engines in converted_variants(model, bench):
-        # int8 / int4 rows measure decoding: the fp32 prefill's state serves them (a prefill through
-        # the weight-only kernels is no faster than fp32's, measured: int4 at 512 rows 10.8 ms per
-        # 1536x576 matrix vs fp32 11.3), and their prefill is not reported separately.
+        # int8 / int4 rows measure decoding: the fp32 prefill's state serves them (a prefill is
+        # compute-bound, and the weight-only kernels do not make it faster), so their prefill is not
+        # reported separately.
         reuse = fp32_prefill if weight_format in ("int8", "int4") else None
         found, prefilled = converted_cases(variant, engines, ids, bench.steps, bench.repeats, bench.segment, reuse)
         if weight_format == "fp32":
