@@ -270,8 +270,9 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
             break
 
 
-def save_converted(model: T2RForCausalLM, tokenizer: Any, out: Path, overwrite: bool = False) -> None:
+def save_converted(model: T2RForCausalLM, tokenizer: Any, out: str | Path, overwrite: bool = False) -> None:
     """Write the model folder atomically (hidden partial folder, then rename)."""
+    out = Path(out)
     check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -299,8 +300,9 @@ def save_converted(model: T2RForCausalLM, tokenizer: Any, out: Path, overwrite: 
         raise
 
 
-def load_converted(folder: Path) -> tuple[T2RForCausalLM, Any]:
+def load_converted(folder: str | Path) -> tuple[T2RForCausalLM, Any]:
     """Load a converted model folder: bit-identical to what was saved."""
+    folder = Path(folder)
     saved = read_json(folder / CONFIG_FILE)
     if "t2r" not in saved or "base_config" not in saved:
         raise T2RError(f"{folder}: not a t2r model folder (config.json has no t2r section)")

@@ -135,6 +135,18 @@ def test_compiled_step_matches_reference_step(backend: str) -> None:
             assert (decoder(model, ids[1:, t], alone) - expected[1:]).abs().max() <= TOLERANCE
 
 
+def test_inductor_step_matches_reference_step() -> None:
+    """The path of every headline speed: the fast step compiled by inductor (generated C++ kernels)
+    with int4 projections, equal to `model.step` of the same model through a ring wrap. One graph
+    (one batch size, one context), so that it compiles once, in the default suite."""
+    from t2r.modeling.quantize import with_weights
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = with_weights(trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5)), "int4")
+    assert_fast_path_matches_reference(model, Decoder(compile=True), tolerance=BF16_TOLERANCE)
+
+
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_smaller_weights_keep_the_fast_path_exact(weights: str) -> None:
     """With bf16, int8 or int4 projections, the fast step still equals the reference step of that

@@ -64,6 +64,24 @@ def train_command(teacher: Path, corpus: Path, out: Path, *extra: str) -> list[s
     ]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_folder: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of `train_command` run straight through: what every interrupted run must replay."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    command = [sys.executable, *train_command(teacher_folder, corpus, out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_same_run(run: Path, straight: Path) -> None:
+    """Bit for bit: every step's loss (floats compared exactly) and every final weight."""
+    assert losses(run) == losses(straight)
+    a, _ = load_converted(straight / "model")
+    b, _ = load_converted(run / "model")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 def environment() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
@@ -73,17 +91,10 @@ def losses(out: Path) -> list[tuple[str, int, float]]:
     return [(r["stage"], r["step"], r["loss"]) for r in records if "loss" in r]
 
 
-def test_resume_after_sigkill_replays_the_same_losses(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
-    straight = tmp_path / "straight"
-    result = subprocess.run(
-        [sys.executable, *train_command(teacher_folder, corpus, straight)],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    expected = losses(straight)
+def test_resume_after_sigkill_replays_the_same_losses(
+    teacher_folder: Path, corpus: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    expected = losses(uninterrupted)
     assert [(s, i) for s, i, _ in expected] == [("transfer", i) for i in range(5)] + [("finetune", i) for i in range(5)]
 
     killed = tmp_path / "killed"
@@ -110,10 +121,7 @@ def test_resume_after_sigkill_replays_the_same_losses(teacher_folder: Path, corp
         timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(killed) == expected  # bit for bit: floats compared exactly
-    a, _ = load_converted(straight / "model")
-    b, _ = load_converted(killed / "model")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert_same_run(killed, uninterrupted)
 
 
 def test_two_processes_through_accelerate(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
@@ -273,7 +281,11 @@ def test_from_scratch_baseline_has_the_teachers_shape_but_not_its_weights(
     assert json.loads((out / "manifest.json").read_text())["train_config"]["full"] is True
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(teacher_folder: Path, corpus: Path, tmp_path: Path) -> None:
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(
+    teacher_folder: Path, corpus: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    """SIGTERM mid-run: the step in flight completes, a checkpoint of it is written, and the resumed
+    run ends exactly where an uninterrupted one does."""
     out = tmp_path / "term"
     command = train_command(teacher_folder, corpus, out)
     command[command.index("--checkpoint-every") + 1] = "1000"  # only the signal writes one mid-run
@@ -289,12 +301,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(teacher_folder: Path, co
     assert "continue with --resume" in stderr and "Traceback" not in stderr
     saved = latest_checkpoint(out / "checkpoints")
     assert saved is not None
-    done = len(losses(out))
+    done = losses(out)
+    assert 2 <= len(done) < 10 and done == losses(uninterrupted)[: len(done)]
+    stage, step, _ = done[-1]
+    assert json.loads((saved / "trainer.json").read_text())["stage_step"] == step  # the last step done
+    assert json.loads((saved / "trainer.json").read_text())["stage"] == stage
     resumed = subprocess.run(
         [sys.executable, *command, "--resume"], capture_output=True, text=True, env=environment(), timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert len(losses(out)) == 10 and done < 10
+    assert_same_run(out, uninterrupted)
 
 
 @pytest.mark.parametrize(

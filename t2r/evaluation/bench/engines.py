@@ -203,6 +203,14 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
     return prefill, rate, peak()
 
 
+def llama_cpp_cases_from_gguf(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> dict[str, Any]:
+    """`llama_cpp_case` as the other engines report, JSON-ready, for a child. Its bytes per token:
+    every tensor of the GGUF, once a token."""
+    prefill, rate, peak = llama_cpp_case(gguf, prompt, steps, repeats, threads)
+    case = Case("llama.cpp", len(prompt), 1, prefill, rate, peak, 0)
+    return {"cases": [case.to_dict()], "weight_bytes_per_token": {"llama.cpp": Path(gguf).stat().st_size}}
+
+
 def teacher_cases_from_spec(
     spec: str, prompt: list[int], batches: list[int], steps: int, repeats: int, threads: int
 ) -> dict[str, Any]:
@@ -212,7 +220,10 @@ def teacher_cases_from_spec(
     torch.set_num_threads(threads)
     teacher, _ = load_model(spec)
     cases = teacher_cases(teacher, torch.tensor(prompt, dtype=torch.long), batches, steps, repeats)
-    return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weight_bytes_per_token(teacher)}
+    return {
+        "cases": [case.to_dict() for case in cases],
+        "weight_bytes_per_token": {"teacher": weight_bytes_per_token(teacher)},
+    }
 
 
 def converted_cases_from_folder(

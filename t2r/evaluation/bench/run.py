@@ -60,12 +60,6 @@ def isolated(function: str, **arguments: Any) -> Any | str:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def llama_cpp_isolated(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple | str:
-    """`llama_cpp_case` in a child process; the figures, or why there are none."""
-    found = isolated("llama_cpp_case", gguf=gguf, prompt=prompt, steps=steps, repeats=repeats, threads=threads)
-    return found if isinstance(found, str) else tuple(found)
-
-
 def bench_prompt_ids(tokenizer: Any, text: str | None, length: int) -> torch.Tensor:
     """`length` token ids of `text`, or of the built-in corpus (State of the Union addresses)."""
     if text is None:
@@ -98,59 +92,40 @@ def run_bench(
     threads = torch.get_num_threads()
     bandwidth = memory_bandwidth()
     log(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s; {threads} threads")
+    common = {"steps": settings.steps, "repeats": settings.repeats, "threads": threads}
+    # engine status key -> (the child's function in `engines`, its arguments but the prompt, longest context)
+    runs = {
+        "converted": (
+            "converted_cases_from_folder",
+            {"folder": str(folder), "settings": asdict(settings), "threads": threads},
+            max(settings.contexts),
+        ),
+        "teacher": (
+            "teacher_cases_from_spec",
+            {"spec": teacher_spec, "batches": list(settings.batches), **common},
+            teacher_limit,
+        ),
+    }
+    status = {name: "measured" for name in (*runs, "llama_cpp")}
+    if gguf is not None and llama_cpp_available():
+        runs["llama_cpp"] = ("llama_cpp_cases_from_gguf", {"gguf": gguf, **common}, teacher_limit)
+    else:
+        status["llama_cpp"] = "not installed"
     weights: dict[str, int] = {}
     cases: list[Case] = []
-    converted_status = "measured"
-    teacher_status = "measured"
-    llama_status = "measured" if gguf is not None and llama_cpp_available() else "not installed"
     for context in settings.contexts:
-        prompt = prompt_ids[:context]
-        if converted_status == "measured":
-            found = isolated(
-                "converted_cases_from_folder",
-                folder=str(folder),
-                prompt=prompt.tolist(),
-                settings=asdict(settings),
-                threads=threads,
-            )
-            if isinstance(found, str):
-                converted_status = found
+        for name, (function, arguments, longest) in runs.items():
+            if status[name] != "measured" or context > longest:
+                continue
+            found = isolated(function, prompt=prompt_ids[:context].tolist(), **arguments)
+            if isinstance(found, str):  # the engine does not run here: no more rows of it
+                status[name] = found
                 log(found)
-            else:
-                weights.update(found["weight_bytes_per_token"])
-                for record in found["cases"]:
-                    case = Case(**record)
-                    log(describe(case))
-                    cases.append(case)
-        if context <= teacher_limit and teacher_status == "measured":
-            found = isolated(
-                "teacher_cases_from_spec",
-                spec=teacher_spec,
-                prompt=prompt.tolist(),
-                batches=list(settings.batches),
-                steps=settings.steps,
-                repeats=settings.repeats,
-                threads=threads,
-            )
-            if isinstance(found, str):
-                teacher_status = found
-                log(found)
-            else:
-                weights["teacher"] = found["weight_bytes_per_token"]
-                for record in found["cases"]:
-                    case = Case(**record)
-                    log(describe(case))
-                    cases.append(case)
-        if gguf is not None and llama_cpp_available() and context <= teacher_limit and llama_status == "measured":
-            found = llama_cpp_isolated(gguf, prompt.tolist(), settings.steps, settings.repeats, threads)
-            if isinstance(found, str):
-                llama_status = found  # the engine does not run here: no more llama.cpp rows
-                log(found)
-            else:
-                case = Case("llama.cpp", context, 1, found[0], found[1], found[2], 0)
-                weights["llama.cpp"] = Path(gguf).stat().st_size  # every tensor of the GGUF, once a token
-                log(describe(case))
-                cases.append(case)
+                continue
+            weights.update(found["weight_bytes_per_token"])
+            for record in found["cases"]:
+                cases.append(Case(**record))
+                log(describe(cases[-1]))
     return {
         "machine": {
             "processor": platform.processor() or platform.machine(),
@@ -160,10 +135,10 @@ def run_bench(
         },
         "settings": asdict(settings),
         "teacher_context": teacher_limit,
-        "converted": converted_status,
-        "teacher": teacher_status,
+        "converted": status["converted"],
+        "teacher": status["teacher"],
         "weight_bytes_per_token": weights,
-        "llama_cpp": llama_status,
+        "llama_cpp": status["llama_cpp"],
         "cases": [case.to_dict() for case in cases],
     }
 
