@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -87,3 +88,18 @@ def test_measurement_helpers() -> None:
         block = torch.ones(64 * 2**20 // 4)
         block += 1
     assert peak() >= block.nbytes
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_llama_cpp_row_on_the_default_gguf() -> None:
+    """The third engine in its child process, on the GGUF the default model ships."""
+    from t2r.evaluation.bench.run import isolated
+    from t2r.hub import alias_path
+
+    gguf = str(alias_path("smollm2-135m"))
+    found = isolated("llama_cpp_cases_from_gguf", gguf=gguf, prompt=list(range(10, 74)), steps=4, repeats=1, threads=2)
+    assert not isinstance(found, str), found
+    (case,) = found["cases"]
+    assert case["engine"] == "llama.cpp" and case["context"] == 64 and case["decode_tokens_per_s"] > 0
+    assert found["weight_bytes_per_token"] == {"llama.cpp": Path(gguf).stat().st_size}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -330,3 +331,63 @@ def test_convert_creates_missing_parent_folders(teacher_folder: Path, tmp_path: 
     blocker.write_text("x")
     code, _, err = run(["convert", "--model", teacher_folder, "--out", blocker / "model"], capfd)
     assert code == 2 and "not a folder" in only_line(err)
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    from t2r.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", ["convert", "train", "generate", "eval", "bench"])
+def test_help_gives_every_flag_a_line_and_its_default(command: str) -> None:
+    """Every flag has help; every optional one shows its default (a value, "off" for a switch, or
+    what the help says it falls back to)."""
+    parser = subcommands()[command]
+    for action in parser._actions:
+        if "--help" in action.option_strings:
+            continue
+        assert action.help, f"{command} {action.option_strings or action.dest}: no help"
+        shown = parser._get_formatter()._get_help_string(action)
+        if action.option_strings and not action.required:
+            assert "default" in shown, f"{command} {action.option_strings[0]}: {shown!r}"
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: [])" not in text
+
+
+def test_version(capfd) -> None:
+    import t2r
+
+    code, out, _ = run(["--version"], capfd)
+    assert code == 0 and out.strip() == f"t2r {t2r.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["bench", "m", "--contexts", "256,x"], "argument --contexts: expected comma-separated token counts"),
+        (["bench", "m", "--contexts", "0,256"], "argument --contexts: expected comma-separated token counts"),
+        (["bench", "m", "--batches", "0"], "argument --batches: expected comma-separated batch sizes"),
+        (["bench", "m", "--weights", "int4"], "argument --weights: expected comma-separated weight formats"),
+        (["eval", "m", "--data", "f", "--buckets", "a"], "argument --buckets: expected comma-separated token counts"),
+        (
+            ["convert", "--out", "o", "--softmax-layers", "-1"],
+            "argument --softmax-layers: expected comma-separated layer",
+        ),
+    ],
+)
+def test_each_list_flag_names_itself_and_its_kind_in_errors(argv: list[str], words: str, capfd) -> None:
+    code, _, err = run(argv, capfd)
+    assert code == 2 and words in only_line(err), err
+    assert "layer indices" not in err or "--softmax-layers" in err
+
+
+def test_command_functions_read_in_one_sitting() -> None:
+    """No function of the command line is over 60 lines."""
+    import ast
+
+    for path in (Path(__file__).resolve().parents[1] / "t2r" / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno < 60, f"{path.name}: {node.name}"
