@@ -10,7 +10,7 @@ import torch
 
 from t2r.modeling.feature_maps import build_feature_map
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
-from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
+from t2r.ops.windowed import recurrent_windowed_attention, repeat_heads, windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
 from tests.test_ops import assert_close
 
@@ -197,3 +197,28 @@ def test_padded_rows_stay_finite_and_padding_is_masked() -> None:
     changed_k[1, :, 0] += 100.0  # a padded slot
     again, _ = windowed_attention(q, changed_k, v, phi(linear_q), linear_k, valid, state, **kwargs)
     assert torch.equal(out[:, :, :][valid[:, None].expand(B, H, 20)], again[valid[:, None].expand(B, H, 20)])
+
+
+@pytest.mark.parametrize("op", [windowed_attention, *FORMS.values()])
+def test_the_softmax_stabiliser_covers_the_sinks(op) -> None:
+    """Sink scores hundreds above every window score (the teacher's attention sinks, exaggerated):
+    one stabiliser over the window and the sinks keeps every weight finite; a window-only maximum
+    would overflow exp() to inf and the output to NaN."""
+    phi, leaves, valid, valids = make_case(20, 4, sinks=3)
+    q, k, v, linear_q, linear_k, kv, k_sum, keys, values, window_keys, sink_keys, sink_values, share = (
+        x.detach() for x in leaves
+    )
+    direction = torch.nn.functional.normalize(torch.ones(D), dim=0)
+    q = q + 5 * direction  # every query leans one way, and the sink keys point that way, far out
+    sink_keys = (200 * direction).expand(B, G, 3, D).clone()
+    state = initial_state([q, k, v, linear_q, linear_k, kv, k_sum, keys, values, window_keys, sink_keys,
+                           sink_values, share], valids)  # fmt: skip
+    sink_scores = torch.einsum("bhtd,bhsd->bhts", q, repeat_heads(sink_keys, H)) * SCALE
+    new_scores = torch.einsum("bhtd,bhsd->bhts", q, repeat_heads(k, H)) * SCALE
+    assert (sink_scores[0, :, :, 0] - new_scores[0].amax(-1)).min() > 100  # exp(100) overflows fp32
+    out, _ = op(q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE)
+    expected, _ = windowed_attention(
+        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE
+    )
+    assert torch.isfinite(out).all() and torch.isfinite(expected).all()
+    assert_close(out, expected, "output", tolerance=1e-4)  # scores in the hundreds: rounding grows
