@@ -52,10 +52,8 @@ def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative: resolved against this module's package
-                package = module.split(".")[: -node.level] if not module.endswith("__init__") else module.split(".")
-                base = ".".join([*package, base] if base else package)
+            # t2r imports absolutely; a relative import is reported as one of an unknown room.
+            base = "t2r.<relative>" if node.level else node.module or ""
             found.append((node.lineno, base))
             if base == "t2r":  # `from t2r import hub`: the submodule is what is imported
                 found += [(node.lineno, f"t2r.{alias.name}") for alias in node.names if alias.name in FLOORS]
@@ -71,7 +69,9 @@ def upward_imports(source: str, module: str) -> list[str]:
             continue
         if target == "t2r":
             continue  # the root: `import t2r` for its version; its lazy public names are checked below
-        if FLOORS[room(target)] > FLOORS[own]:
+        if room(target) not in FLOORS:
+            problems.append(f"{module}:{line} imports {target}, which is no room of the package")
+        elif FLOORS[room(target)] > FLOORS[own]:
             problems.append(f"{module}:{line} imports {target} ({room(target)} is above {own})")
     tree = ast.parse(source)
     for node in ast.walk(tree):
@@ -108,6 +108,7 @@ def test_imports_run_down_the_floors() -> None:
         ("t2r.hub", "from t2r import cli"),
         ("t2r.evaluation.perplexity", "def f():\n    from t2r.training.trainer import Trainer"),
         ("t2r.inference.generate", "from t2r import T2RConfig"),
+        ("t2r.modeling.model", "from . import attention"),
     ],
 )
 def test_an_upward_import_is_caught(module: str, line: str) -> None:
