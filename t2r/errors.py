@@ -16,3 +16,9 @@ class UsageError(T2RError):
     """The user asked for something that cannot work as given. Exit code 2."""
 
     exit_code = 2
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line of the message`: a library's exception, fit to end a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -34,7 +34,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from t2r.errors import T2RError, UsageError
+from t2r.errors import T2RError, UsageError, one_line
 from t2r.modeling.config import T2RConfig
 from t2r.modeling.convert import convert
 from t2r.modeling.model import T2RForCausalLM
@@ -107,11 +107,6 @@ def check_safetensors_folder(folder: Path) -> None:
     raise T2RError(f"{folder}: no weights file (*.safetensors)")
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 def _load_pretrained(location: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,7 +132,7 @@ def _load_gguf(gguf: Path) -> tuple[nn.Module, Any]:
         log.info("de-quantising %s to fp32 (once; cached in %s)", gguf.name, cached.parent)
         model, tokenizer = _load_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as error:  # the gguf reader raises many kinds on a bad file
-        raise T2RError(f"{gguf}: cannot read GGUF weights ({_one_line(error)})") from None
+        raise T2RError(f"{gguf}: cannot read GGUF weights ({one_line(error)})") from None
     # The de-quantised model is a plain fp32 model: drop the GGUF marker before caching it.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -165,7 +160,7 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
         try:
             return _load_pretrained(str(folder))
         except Exception as error:  # transformers and safetensors raise many kinds on a bad folder
-            raise T2RError(f"{folder}: cannot load the model ({_one_line(error)})") from None
+            raise T2RError(f"{folder}: cannot load the model ({one_line(error)})") from None
     online = hub_reachable()
     if not online:
         # Only the local Hugging Face cache is tried: no minute of retries against a dead network.
@@ -178,7 +173,7 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
                 f"cannot reach the Hugging Face Hub and {source.name!r} is not in the local cache (offline?)"
             ) from None
         raise T2RError(
-            f"cannot load {source.name!r} from the Hugging Face Hub (no such safetensors model?): {_one_line(error)}"
+            f"cannot load {source.name!r} from the Hugging Face Hub (no such safetensors model?): {one_line(error)}"
         ) from None
 
 
@@ -215,7 +210,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise T2RError(f"{path}: unreadable ({_one_line(error)})") from None
+        raise T2RError(f"{path}: unreadable ({one_line(error)})") from None
 
 
 def build_config(values: dict[str, Any]) -> Any:
@@ -314,7 +309,7 @@ def load_converted(folder: str | Path) -> tuple[T2RForCausalLM, Any]:
     try:
         safetensors.torch.load_model(model, str(weights), strict=True)
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise T2RError(f"{weights}: corrupt or truncated weights ({_one_line(error)})") from None
+        raise T2RError(f"{weights}: corrupt or truncated weights ({one_line(error)})") from None
     return model.eval(), load_tokenizer(folder)
 
 

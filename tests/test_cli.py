@@ -194,7 +194,7 @@ def test_eval_scores_the_unconverted_teacher(teacher_folder: Path, text_file: Pa
 
 
 def test_cli_long_joins_files_and_reports_buckets(
-    converted_folder: Path, text_file: Path, tmp_path: Path, capfd
+    converted_folder: Path, teacher_folder: Path, text_file: Path, tmp_path: Path, capfd
 ) -> None:
     second = tmp_path / "second.txt"
     second.write_text(text_file.read_text())
@@ -202,6 +202,7 @@ def test_cli_long_joins_files_and_reports_buckets(
     code, out, err = run([*argv, "--segment", 64, "--teacher", "--json"], capfd)
     assert code == 0, err
     record = json.loads(out)
+    assert record["teacher"] == str(teacher_folder)  # the base model it resolved to, as in windowed eval
     assert [b["begin"] for b in record["buckets"]] == [1, 100, 400]
     assert record["buckets"][-1]["end"] == record["tokens"]
     assert record["state_bytes_first"] == record["state_bytes_last"]

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     if len(ids) < 2:
         raise UsageError(f"{data_name}: fewer than 2 tokens, nothing to score")
     if args.long:
-        report_long(args, model, ids, teacher, data_name)
+        report_long(args, model, ids, teacher, teacher_spec, data_name)
     else:
         report_windows(args, model, ids, teacher, teacher_spec, data_name, stride)
 
@@ -128,11 +128,13 @@ def report_windows(
         print(f"KL(teacher||model) {result.kl:.4f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
 
 
-def report_long(args: argparse.Namespace, model: Any, ids: Any, teacher: Any, data_name: str) -> None:
+def report_long(
+    args: argparse.Namespace, model: Any, ids: Any, teacher: Any, teacher_spec: str | None, data_name: str
+) -> None:
     from t2r.evaluation.long_context import score_long
 
     result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
-    record = {"model": args.model, "data": data_name, "teacher": args.teacher, **result.to_dict()}
+    record = {"model": args.model, "data": data_name, "teacher": teacher_spec, **result.to_dict()}
     if args.json:
         print(json.dumps(record))
         return

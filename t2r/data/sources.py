@@ -27,7 +27,7 @@ from pathlib import Path
 
 from t2r.data.corpus import BUILTIN, Texts, builtin_texts
 from t2r.data.textfile import read_text
-from t2r.errors import T2RError, UsageError
+from t2r.errors import T2RError, UsageError, one_line
 
 FOLDER_SUFFIXES = (".txt", ".jsonl", ".parquet")
 GLOB_CHARACTERS = frozenset("*?[")
@@ -145,7 +145,7 @@ def _parquet_documents(path: Path) -> list[str]:
             raise UsageError(f"{path}: no 'text' column (columns: {', '.join(names)})")
         column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     except (OSError, ValueError) as error:  # pyarrow's ArrowIOError and ArrowInvalid
-        raise UsageError(f"{path}: not a readable parquet file ({_first_line(error)})") from None
+        raise UsageError(f"{path}: not a readable parquet file ({one_line(error)})") from None
     return [text for text in column if isinstance(text, str) and text.strip()]
 
 
@@ -164,11 +164,6 @@ def read_file(path: Path) -> Texts:
     if not documents:
         raise UsageError(f"{path}: empty (no text to read)")
     return Texts(str(path), _sha256(path), documents)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def read_hub_dataset(spec: str) -> Texts:
@@ -193,7 +188,7 @@ def read_hub_dataset(spec: str) -> Texts:
                 f"{spec}: no such file or folder, and the Hugging Face Hub cannot be reached to fetch "
                 "a dataset of that name (offline?)"
             ) from None
-        raise T2RError(f"{spec}: no such file or folder, nor a readable hub dataset ({_first_line(error)})") from None
+        raise T2RError(f"{spec}: no such file or folder, nor a readable hub dataset ({one_line(error)})") from None
     if "text" not in dataset.column_names:
         raise UsageError(f"{spec}: the dataset has no 'text' column (columns: {', '.join(dataset.column_names)})")
     documents = [text for text in dataset["text"] if isinstance(text, str) and text.strip()]
