@@ -86,6 +86,37 @@ RECIPES = {
         "section": ("recipe-hybrid", "Hybrid recipe: 64-token softmax window + linear attention"),
         "json": "recipe_hybrid.json",
     },
+    # Issue 14's first candidate for a linear part that carries far context: the hybrid recipe on
+    # sequences of 2,048 tokens (the same tokens per step as 4 x 512) so that the linear part is
+    # trained on distances up to 2k, forgetting with a half-life of 2,048 instead of 512.
+    "hybrid-long": {
+        "flags": [
+            "--window",
+            "64",
+            "--half-life",
+            "2048",
+            "--sinks",
+            "4",
+            # A 2k-token step costs ~25 s here (the 512-token recipe's ~14 s): fewer steps fit the hour.
+            "--transfer-steps",
+            "90",
+            "--finetune-steps",
+            "30",
+            "--lr-finetune",
+            "2e-4",
+            "--keep",
+            "5",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "2048",
+        ],
+        "books": ["pg1342.txt"],
+        "shakespeare": False,
+        "label": "window 64 + linear, Hedgehog, trained on 2k-token sequences",
+        "section": ("recipe-hybrid-long", "Hybrid recipe trained on 2k-token sequences"),
+        "json": "recipe_hybrid_long.json",
+    },
 }
 
 

@@ -319,3 +319,28 @@ def load_model(spec: str) -> tuple[nn.Module, Any]:
     if path.is_dir() and is_converted(path):
         return load_converted(path)
     return load_teacher(spec)
+
+
+def load_baseline(
+    model: T2RForCausalLM, teacher: nn.Module | None = None, window: int | None = None, sinks: int | None = None
+) -> T2RForCausalLM:
+    """The training-free sliding-window baseline of a converted model (`t2r.modeling.baseline`).
+
+    teacher: the softmax teacher (copied, not changed); None loads the model's base model.
+    window: None gives the baseline the converted model's state bytes (`equal_memory_window`).
+    sinks: None keeps the converted model's own number (DEFAULT_SINKS when it has none).
+    """
+    import copy
+
+    from t2r.modeling.baseline import equal_memory_window, sliding_window_baseline
+    from t2r.modeling.config import DEFAULT_SINKS
+
+    sinks = (model.config.sinks or DEFAULT_SINKS) if sinks is None else sinks
+    window = equal_memory_window(model, sinks) if window is None else window
+    if teacher is None:
+        if model.config.base_model is None:
+            raise UsageError("this model records no base model: name the teacher of its baseline")
+        teacher, _ = load_teacher(model.config.base_model)
+    else:
+        teacher = copy.deepcopy(teacher)
+    return sliding_window_baseline(teacher, window, sinks, base_model=model.config.base_model)

@@ -76,7 +76,13 @@ def add_parser(commands: Any) -> None:
         "convert", help="swap softmax attention for linear attention and save", formatter_class=Formatter
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    parser.add_argument("--feature-map", choices=FEATURE_MAPS, default="t2r", help="the feature map phi")
+    parser.add_argument(
+        "--feature-map",
+        choices=FEATURE_MAPS,
+        default="t2r",
+        help="the feature map phi; none: no linear part, the teacher's softmax over the sinks and the window "
+        "only (the training-free sliding-window baseline)",
+    )
     parser.add_argument(
         "--feature-dim",
         type=positive_int,
@@ -124,6 +130,12 @@ def summary(args: argparse.Namespace, model: Any, model_type: str) -> str:
     )
     window = f"window {config.window} + " if config.window else ""
     state = model.init_state(1)
+    if config.feature_map == "none":
+        return (
+            f"converted {args.model} ({model_type}, {len(model.attentions)} layers) to softmax over {config.sinks} "
+            f"sinks + a sliding window of {config.window} tokens, no linear part (no training needed) -> "
+            f"{args.out}; state {state.nbytes() / 2**20:.2f} MiB per sequence"
+        )
     kept = ""
     if config.softmax_layers:
         kept = (

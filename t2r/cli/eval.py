@@ -14,6 +14,7 @@ from t2r.modeling.config import WEIGHT_FORMATS
 from t2r.ops import FORMS
 
 AUTO_TEACHER = "<base model>"
+EQUAL_MEMORY = 0  # --baseline without a value: the window of equal state bytes
 
 
 def add_parser(commands: Any) -> None:
@@ -47,6 +48,16 @@ def add_parser(commands: Any) -> None:
         "(default: no teacher)",
     )
     parser.add_argument(
+        "--baseline",
+        nargs="?",
+        type=positive_int,
+        const=EQUAL_MEMORY,
+        default=None,
+        metavar="W",
+        help="also score the training-free sliding-window baseline: the model's teacher over its sinks + the "
+        "last W tokens; without W, the W whose KV bytes equal the converted model's state bytes (default: none)",
+    )
+    parser.add_argument(
         "--long", action="store_true", help="score the text as one stream through the state, per position bucket"
     )
     parser.add_argument(
@@ -78,15 +89,18 @@ def run(args: argparse.Namespace) -> None:
     if args.long and not isinstance(model, T2RForCausalLM):
         raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")
     teacher, teacher_spec = load_eval_teacher(args.teacher, model)
+    baseline = load_eval_baseline(args.baseline, model, teacher)
+    if baseline is not None:
+        baseline = with_weights(baseline, args.weights)  # like for like: the same weight format
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{data_name}: fewer than 2 tokens, nothing to score")
     if args.long:
-        report_long(args, model, ids, teacher, teacher_spec, data_name)
+        report_long(args, model, ids, teacher, teacher_spec, data_name, baseline)
     else:
-        report_windows(args, model, ids, teacher, teacher_spec, data_name, stride)
+        report_windows(args, model, ids, teacher, teacher_spec, data_name, stride, baseline)
 
 
 def load_eval_teacher(spec: str | None, model: Any) -> tuple[Any, str | None]:
@@ -106,8 +120,37 @@ def load_eval_teacher(spec: str | None, model: Any) -> tuple[Any, str | None]:
     return teacher, spec
 
 
+def load_eval_baseline(window: int | None, model: Any, teacher: Any) -> Any:
+    """The sliding-window baseline that `--baseline` asks for (its teacher: `teacher`, or the model's
+    base model), or None."""
+    from t2r.hub import load_baseline
+    from t2r.modeling.model import T2RForCausalLM
+
+    if window is None:
+        return None
+    if not isinstance(model, T2RForCausalLM):
+        raise UsageError("--baseline compares a converted model with its teacher's window: give a converted model")
+    return load_baseline(model, teacher, None if window == EQUAL_MEMORY else window)
+
+
+def baseline_record(baseline: Any) -> dict[str, Any]:
+    """What the baseline is: its window, sinks and state bytes per sequence."""
+    return {
+        "window": baseline.config.window,
+        "sinks": baseline.config.sinks,
+        "state_bytes": baseline.init_state(1).nbytes(),
+    }
+
+
 def report_windows(
-    args: argparse.Namespace, model: Any, ids: Any, teacher: Any, teacher_spec: str | None, data_name: str, stride: int
+    args: argparse.Namespace,
+    model: Any,
+    ids: Any,
+    teacher: Any,
+    teacher_spec: str | None,
+    data_name: str,
+    stride: int,
+    baseline: Any = None,
 ) -> None:
     from t2r.evaluation.perplexity import evaluate
 
@@ -116,28 +159,51 @@ def report_windows(
     record = {"model": args.model, "weights": args.weights, "data": data_name, **result.to_dict()}
     if teacher is not None:
         record["teacher"] = teacher_spec
+    rows = [("model", result)]
+    if baseline is not None:
+        baseline_result = evaluate(baseline, ids, args.seq_len, stride, args.mode, teacher, batch_size)
+        record["baseline"] = {**baseline_record(baseline), **baseline_result.to_dict()}
+        rows.append((f"baseline (sinks {baseline.config.sinks} + window {baseline.config.window})", baseline_result))
     if args.json:
         print(json.dumps(record))
         return
-    print(
-        f"perplexity {result.perplexity:.4f} over {result.tokens:,} tokens "
-        f"({result.windows} windows of {result.seq_len}, stride {result.stride}, {result.mode}, "
-        f"{result.seconds:.0f} s)"
-    )
-    if teacher is not None:
-        print(f"KL(teacher||model) {result.kl:.4f} nats/token, top-1 agreement {result.top1_agreement:.4f}")
+    for name, scored in rows:
+        prefix = f"{name}: " if baseline is not None else ""
+        print(
+            f"{prefix}perplexity {scored.perplexity:.4f} over {scored.tokens:,} tokens "
+            f"({scored.windows} windows of {scored.seq_len}, stride {scored.stride}, {scored.mode}, "
+            f"{scored.seconds:.0f} s)"
+        )
+        if teacher is not None:
+            print(f"{prefix}KL(teacher||model) {scored.kl:.4f} nats/token, top-1 agreement {scored.top1_agreement:.4f}")
 
 
 def report_long(
-    args: argparse.Namespace, model: Any, ids: Any, teacher: Any, teacher_spec: str | None, data_name: str
+    args: argparse.Namespace,
+    model: Any,
+    ids: Any,
+    teacher: Any,
+    teacher_spec: str | None,
+    data_name: str,
+    baseline: Any = None,
 ) -> None:
     from t2r.evaluation.long_context import score_long
 
     result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
     record = {"model": args.model, "data": data_name, "teacher": teacher_spec, **result.to_dict()}
+    if baseline is not None:
+        baseline_result = score_long(baseline, ids, args.segment, (0, *args.buckets), teacher)
+        record["baseline"] = {**baseline_record(baseline), **baseline_result.to_dict()}
     if args.json:
         print(json.dumps(record))
         return
+    print_long(record, result, teacher)
+    if baseline is not None:
+        print(f"baseline (sinks {baseline.config.sinks} + window {baseline.config.window}):")
+        print_long(record["baseline"], baseline_result, teacher)
+
+
+def print_long(record: dict[str, Any], result: Any, teacher: Any) -> None:
     rows = [f"{'positions':<16}{'tokens':>8}{'perplexity':>12}{'teacher':>10}{'KL':>8}{'top-1':>8}"]
     for bucket in record["buckets"]:
         teacher_ppl = bucket.get("teacher_perplexity")

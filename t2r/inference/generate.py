@@ -70,7 +70,7 @@ def generate_batch(
         return results
     start = time.perf_counter()
     ids, mask = left_padded(prompts)
-    logits, state = model(ids, mask, form="chunked", logits_to_keep=1)
+    logits, state = model(ids.to(model.device), mask.to(model.device), form="chunked", logits_to_keep=1)
     logits = logits[:, -1]
     prefill_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -91,7 +91,7 @@ def generate_batch(
         if not keep:
             break
         if len(keep) < len(running):
-            index = torch.tensor(keep)
+            index = torch.tensor(keep, device=tokens.device)
             fast_state, tokens = fast_state.select(index), tokens[index]
             running = [running[row] for row in keep]
         logits = step(model, tokens, fast_state)

@@ -67,7 +67,9 @@ class LinearAttention(nn.Module):
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
             dtype = torch.float32 if weight is None else weight.dtype
-            self.window_logit = nn.Parameter(torch.zeros(shape.query_heads, dtype=dtype))
+            # With no linear part the window takes the whole share: sigmoid(1e4) is 1.0 exactly.
+            start = 1e4 if self.feature_dim == 0 else 0.0
+            self.window_logit = nn.Parameter(torch.full((shape.query_heads,), start, dtype=dtype))
 
     @property
     def feature_dim(self) -> int:
@@ -75,6 +77,16 @@ class LinearAttention(nn.Module):
 
     def key_map(self) -> FeatureMap:
         return self.feature_map_q if self.feature_map_k is None else self.feature_map_k
+
+    def feature_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the feature maps see: q and k with positions (rotary_features) or before them;
+        with no linear part (feature_dim 0) nothing: [..., 0], so the state keeps no copy of the keys."""
+        q_features, k_features = (q, k) if self.rotary_features else (q_raw, k_raw)
+        if self.feature_dim == 0:
+            return q_features[..., :0], k_features[..., :0]
+        return q_features, k_features
 
     def decay_per_head(self) -> torch.Tensor | None:
         """[H] fp32 forgetting factors of the linear part, or None."""
@@ -98,6 +110,7 @@ class LinearAttention(nn.Module):
             dtype,
             device,
             self.sinks,
+            linear_key_dim=shape.head_dim if self.feature_dim else 0,
         )
 
     def forward(
@@ -116,7 +129,7 @@ class LinearAttention(nn.Module):
         """
         q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
         q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary)
-        q_features, k_features = (q, k) if self.rotary_features else (q_raw, k_raw)
+        q_features, k_features = self.feature_inputs(q, k, q_raw, k_raw)
         phi_q = self.feature_map_q(q_features)  # [B, H, T, F]
         if self.window == 0:
             heads = self.shape.query_heads

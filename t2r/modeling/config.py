@@ -8,7 +8,9 @@ from typing import Any
 
 from t2r.errors import UsageError
 
-FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog")
+# "none": no linear part at all: the teacher's softmax over the sinks and the window only (the
+# training-free sliding-window baseline, StreamingLLM; needs a window).
+FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog", "none")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")  # how decoding may store the projections (t2r.modeling.quantize)
 # The softmax window in tokens of the default hybrid (0 is pure linear attention).
 DEFAULT_WINDOW = 64
@@ -22,7 +24,8 @@ DEFAULT_SINKS = 4
 class T2RConfig:
     """How the softmax attention of a teacher is replaced.
 
-    feature_map: one of FEATURE_MAPS.
+    feature_map: one of FEATURE_MAPS; "none" keeps no linear part: exact softmax over the sinks and
+        the last `window` tokens, everything older dropped (the sliding-window baseline; no training).
     feature_dim: size of the learned / random projection (t2r, rfa, hedgehog); `None` picks the
         map's default (32 for t2r, 64 random features for rfa, head_dim for hedgehog). ELU+1 keeps
         head_dim.
@@ -63,8 +66,13 @@ class T2RConfig:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
         if self.window < 0:
             raise UsageError(f"window must be >= 0, got {self.window}")
+        if self.feature_map == "none" and not self.window:
+            raise UsageError("--feature-map none keeps no linear part: it needs a window (--window > 0)")
         if self.half_life is None:
-            object.__setattr__(self, "half_life", DEFAULT_HALF_LIFE if self.window else 0)
+            has_linear_part = self.window and self.feature_map != "none"
+            object.__setattr__(self, "half_life", DEFAULT_HALF_LIFE if has_linear_part else 0)
+        if self.half_life and self.feature_map == "none":
+            raise UsageError("--half-life needs a linear part; --feature-map none has none")
         if self.half_life < 0:
             raise UsageError(f"half life must be >= 0 tokens, got {self.half_life}")
         if self.half_life and not self.window:

@@ -242,7 +242,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
                 return out
             q_raw, k_raw, v = adapter.project_heads(attention.projections, x)  # [B, H|G, 1, D]
             q, k = adapter.apply_rotary(q_raw, k_raw, rotary)
-            q_features, k_features = (q, k) if attention.rotary_features else (q_raw, k_raw)
+            q_features, k_features = attention.feature_inputs(q, k, q_raw, k_raw)
             if isinstance(layer_state, RingWindow):
                 sink_q = attention.sink_queries(q_raw, k_raw, sink_rotary)
                 heads_out = _hybrid_step(

@@ -10,6 +10,7 @@ non-negative, so the normaliser sum_s phi(q) . phi(k_s) is >= 0 and `eps` keeps 
 - `t2r`      relu(W x + b), W [H, D, F] learned per head (Kasai et al. 2021).
 - `hedgehog` [softmax(W x + b), softmax(-(W x + b))] over the feature axis, W initialised to the
              identity (Zhang et al. 2024); F = 2 * feature_dim.
+- `none`     F = 0: no linear part (the sliding-window baseline); the linear state has no entries.
 """
 
 from __future__ import annotations
@@ -93,8 +94,19 @@ class HedgehogFeatureMap(LearnedLinearMap):
         return torch.cat([projected.softmax(-1), (-projected).softmax(-1)], dim=-1)
 
 
+class NoFeatureMap(FeatureMap):
+    """phi with no features: x [B, H, T, D] -> [B, H, T, 0], so the linear part adds nothing."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__(heads, head_dim)
+        self.out_dim = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :0]
+
+
 def default_feature_dim(name: str, head_dim: int) -> int:
-    return {"elu": head_dim, "rfa": 64, "t2r": 32, "hedgehog": head_dim}[name]
+    return {"elu": head_dim, "rfa": 64, "t2r": 32, "hedgehog": head_dim, "none": 0}[name]
 
 
 def build_feature_map(
@@ -110,4 +122,6 @@ def build_feature_map(
         return T2RFeatureMap(heads, head_dim, size, generator)
     if name == "hedgehog":
         return HedgehogFeatureMap(heads, head_dim, size)
-    raise UsageError(f"unknown feature map {name!r}; choose one of elu, rfa, t2r, hedgehog")
+    if name == "none":
+        return NoFeatureMap(heads, head_dim)
+    raise UsageError(f"unknown feature map {name!r}; choose one of elu, rfa, t2r, hedgehog, none")

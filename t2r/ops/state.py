@@ -79,15 +79,19 @@ class HybridAttentionState:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         sinks: int = 0,
+        linear_key_dim: int | None = None,
     ) -> HybridAttentionState:
-        def empty(slots: int) -> torch.Tensor:
-            return torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        """linear_key_dim: the size of `linear_keys` (None: head_dim; 0 when there is no linear
+        part, so that a window-only layer stores its keys and values and nothing else)."""
+
+        def empty(slots: int, size: int = head_dim) -> torch.Tensor:
+            return torch.zeros(batch, kv_heads, slots, size, dtype=dtype, device=device)
 
         return cls(
             linear=LinearAttentionState.zeros(batch, heads, feature_dim, head_dim, device),
             keys=empty(window),
             values=empty(window),
-            linear_keys=empty(window),
+            linear_keys=empty(window, head_dim if linear_key_dim is None else linear_key_dim),
             valid=torch.zeros(batch, window, dtype=torch.bool, device=device),
             sink_keys=empty(sinks),
             sink_values=empty(sinks),
