@@ -29,6 +29,7 @@ def test_bench_writes_json_plots_and_report(
     report.write_text("# Benchmarks\n\nkept text\n")
     argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]
     argv += ["--no-compile"]  # the compiled step is tested in test_fast_decode; compiling takes a while
+    argv += ["--baseline"]  # the sliding window of equal state bytes, in the same weight formats
     argv += ["--data", text_file, "--out", tmp_path / "out", "--report", report]
     code, out, err = run(argv, capfd)
     assert code == 0, err
@@ -36,9 +37,11 @@ def test_bench_writes_json_plots_and_report(
     engines = {(c["engine"], c["context"], c["batch"]) for c in record["cases"]}
     for context in (16, 64):
         for batch in (1, 2):
-            for engine in ("teacher", "converted (fast)", "converted (fast, int4)", "converted (fast, bf16)"):
-                assert (engine, context, batch) in engines
-        assert ("converted (step)", context, 1) in engines
+            for kind in ("converted", "baseline"):
+                for engine in (f"{kind} (fast)", f"{kind} (fast, int4)", f"{kind} (fast, bf16)"):
+                    assert (engine, context, batch) in engines
+            assert ("teacher", context, batch) in engines
+        assert ("converted (step)", context, 1) in engines and ("baseline (step)", context, 1) not in engines
     assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
     assert record["teacher"] == "measured"  # in a child process per context
     assert record["converted"] == "measured"  # the same
@@ -48,11 +51,15 @@ def test_bench_writes_json_plots_and_report(
     assert teacher_cache[0] < teacher_cache[-1]  # the KV cache grows with the context
     ours = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "converted (fast)"}
     assert len(ours) == 1  # the recurrent state does not
+    window = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "baseline (fast)"}
+    assert len(window) == 1 and window.pop() <= ours.pop()  # a fixed window, within the same bytes
+    assert record["baseline"] == "measured"
     assert {row["bar"] for row in record["bars"]} >= {"decode at 8k / teacher's", "peak memory at 32k / at 256"}
     assert (tmp_path / "out" / "bench_decode.png").stat().st_size > 0
     text = report.read_text()
     assert "kept text" in text and "<!-- bench:start -->" in text and "| teacher: decode tok/s |" in text
     assert "| converted (fast, int4) |" in text  # its fraction of its own bandwidth bound
+    assert "| baseline (fast): decode tok/s |" in text
     assert "decode at 8k / teacher's" in out
     # --replot: the same section again from bench.json, nothing measured (no model is even loaded).
     report.write_text("# Benchmarks\n\nkept text\n")

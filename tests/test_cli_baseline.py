@@ -54,3 +54,33 @@ def test_convert_feature_map_none_is_the_baseline(teacher_folder: Path, tmp_path
     assert model.config.feature_map == "none" and model.config.sinks == 4 and model.config.half_life == 0
     code, _, err = run([*convert, "--window", 0, "--overwrite"], capfd)
     assert code == 2 and "needs a window" in only_line(err)
+
+
+def test_eval_passkey_runs_teacher_model_and_baseline(converted_folder: Path, tmp_path: Path, capfd) -> None:
+    plot = tmp_path / "passkey.png"
+    argv = ["eval", converted_folder, "--passkey", "--lengths", "120,200", "--depths", "0.5", "--trials", 1]
+    code, out, err = run([*argv, "--baseline", "--json", "--plot", plot], capfd)
+    assert code == 0, err
+    record = json.loads(out)
+    assert {c["model"] for c in record["cases"]} == {"teacher", "model", "baseline"}
+    assert {c["length"] for c in record["cases"]} == {120, 200} and all(c["trials"] == 1 for c in record["cases"])
+    assert record["baseline"]["window"] > 0 and plot.stat().st_size > 0
+    code, out, err = run(argv, capfd)  # the text table
+    assert code == 0 and out.splitlines()[0].split() == ["model", "length", "depth", "exact", "rank-1", "mean", "rank"]
+
+
+def test_eval_chat_compares_with_the_teacher(converted_folder: Path, capfd) -> None:
+    argv = ["eval", converted_folder, "--chat", "--limit", 2, "--max-new-tokens", 6, "--baseline", 1000, "--json"]
+    code, out, err = run(argv, capfd)
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["reference"] == "teacher" and set(record["scores"]) == {"model", "baseline"}
+    # A window longer than every answer is the teacher: whole answers agree.
+    assert record["scores"]["baseline"]["identical"] == 1.0 and len(record["instructions"]) == 2
+
+
+def test_eval_tasks_one_at_a_time_and_perplexity_needs_data(converted_folder: Path, capfd) -> None:
+    code, _, err = run(["eval", converted_folder, "--chat", "--passkey"], capfd)
+    assert code == 2 and "choose one task" in only_line(err)
+    code, _, err = run(["eval", converted_folder], capfd)
+    assert code == 2 and "--data is required" in only_line(err)

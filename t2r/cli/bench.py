@@ -37,6 +37,12 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--no-compile", action="store_true", help="no compiled rows (eager fast step only)")
     parser.add_argument("--no-reference-step", action="store_true", help="skip the `model.step` row")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also the training-free sliding-window baseline (the teacher over the model's sinks + the window "
+        "of equal state bytes), in the same weight formats",
+    )
     parser.add_argument("--data", type=Path, default=None, help="prompt text (default: the built-in corpus)")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF of the llama.cpp row (default: the teacher's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for bench.json and plots")
@@ -99,6 +105,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights,
         compile=not args.no_compile,
         reference_step=not args.no_reference_step,
+        baseline=args.baseline,
     )
     prompt_ids = bench_prompt_ids(tokenizer, text, max(settings.contexts))
     teacher_context = model.teacher_context

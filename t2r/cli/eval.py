@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from t2r.cli.common import Formatter, positive_int, token_counts
+from t2r.cli.eval_tasks import add_task_flags, baseline_settings, check_task_flags, run_chat, run_passkey
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
 from t2r.ops import FORMS
@@ -26,8 +27,9 @@ def add_parser(commands: Any) -> None:
         "--data",
         type=Path,
         action="append",
-        required=True,
-        help="a UTF-8 text file; repeat to score several joined into one document",
+        default=None,
+        help="a UTF-8 text file; repeat to score several joined into one document (--passkey: the prose to hide "
+        "the key in)",
     )
     parser.add_argument("--max-tokens", type=positive_int, default=None, help="score the first N tokens (default: all)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens")
@@ -67,6 +69,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--weights", choices=WEIGHT_FORMATS, default="fp32", help="score with the projections `generate` decodes with"
     )
+    add_task_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run)
 
@@ -79,19 +82,26 @@ def run(args: argparse.Namespace) -> None:
     from t2r.modeling.model import T2RForCausalLM
     from t2r.modeling.quantize import with_weights
 
+    check_task_flags(args)
     stride = args.stride or args.seq_len
     if stride > args.seq_len:
         raise UsageError(f"--stride {stride} is larger than --seq-len {args.seq_len}: tokens would be skipped")
-    text = "\n\n".join(read_text(path) for path in args.data)
-    data_name = ",".join(str(path) for path in args.data)
     model, tokenizer = load_model(args.model)
     model = with_weights(model, args.weights)
     if args.long and not isinstance(model, T2RForCausalLM):
         raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")
-    teacher, teacher_spec = load_eval_teacher(args.teacher, model)
+    # The tasks compare answers with the teacher's: it is the base model unless named.
+    teacher_flag = AUTO_TEACHER if (args.passkey or args.chat) and args.teacher is None else args.teacher
+    teacher, teacher_spec = load_eval_teacher(teacher_flag, model)
     baseline = load_eval_baseline(args.baseline, model, teacher)
     if baseline is not None:
         baseline = with_weights(baseline, args.weights)  # like for like: the same weight format
+    if args.passkey or args.chat:
+        args.teacher_spec = teacher_spec
+        (run_passkey if args.passkey else run_chat)(args, model, tokenizer, teacher, baseline)
+        return
+    text = "\n\n".join(read_text(path) for path in args.data)
+    data_name = ",".join(str(path) for path in args.data)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
@@ -133,15 +143,6 @@ def load_eval_baseline(window: int | None, model: Any, teacher: Any) -> Any:
     return load_baseline(model, teacher, None if window == EQUAL_MEMORY else window)
 
 
-def baseline_record(baseline: Any) -> dict[str, Any]:
-    """What the baseline is: its window, sinks and state bytes per sequence."""
-    return {
-        "window": baseline.config.window,
-        "sinks": baseline.config.sinks,
-        "state_bytes": baseline.init_state(1).nbytes(),
-    }
-
-
 def report_windows(
     args: argparse.Namespace,
     model: Any,
@@ -162,7 +163,7 @@ def report_windows(
     rows = [("model", result)]
     if baseline is not None:
         baseline_result = evaluate(baseline, ids, args.seq_len, stride, args.mode, teacher, batch_size)
-        record["baseline"] = {**baseline_record(baseline), **baseline_result.to_dict()}
+        record["baseline"] = {**baseline_settings(baseline), **baseline_result.to_dict()}
         rows.append((f"baseline (sinks {baseline.config.sinks} + window {baseline.config.window})", baseline_result))
     if args.json:
         print(json.dumps(record))
@@ -193,7 +194,7 @@ def report_long(
     record = {"model": args.model, "data": data_name, "teacher": teacher_spec, **result.to_dict()}
     if baseline is not None:
         baseline_result = score_long(baseline, ids, args.segment, (0, *args.buckets), teacher)
-        record["baseline"] = {**baseline_record(baseline), **baseline_result.to_dict()}
+        record["baseline"] = {**baseline_settings(baseline), **baseline_result.to_dict()}
     if args.json:
         print(json.dumps(record))
         return

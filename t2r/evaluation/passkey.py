@@ -366,10 +366,9 @@ def plot_passkey(result: Mapping[str, Any], path: Path) -> Path:
     lengths, depths, names = settings["lengths"], settings["depths"], settings["models"]
     by_key = {(c["model"], c["length"], c["depth"]): c for c in result["cases"]}
     colours = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
-    figure, axes = plt.subplots(
-        1, len(names), figsize=(1.1 * len(lengths) * len(names) + 1.5, 0.8 * len(depths) + 1.6), squeeze=False
-    )
-    for axis, name in zip(axes[0], names, strict=True):
+    size = (0.9 * len(lengths) * len(names) + 1.8, 0.7 * len(depths) + 1.4)
+    figure, axes = plt.subplots(1, len(names), figsize=size, squeeze=False, layout="constrained")
+    for panel, (axis, name) in enumerate(zip(axes[0], names, strict=True)):
         exact = np.full((len(depths), len(lengths)), np.nan)
         for row, depth in enumerate(depths):
             for column, length in enumerate(lengths):
@@ -384,10 +383,11 @@ def plot_passkey(result: Mapping[str, Any], path: Path) -> Path:
         image = axis.imshow(np.ma.masked_invalid(exact), cmap=colours, vmin=0.0, vmax=1.0, aspect="auto")
         axis.set_title(name, fontsize=10)
         axis.set_xticks(range(len(lengths)), [_tokens_label(n) for n in lengths], fontsize=8)
-        axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths] if panel == 0 else [], fontsize=8)
         axis.set_xlabel("prompt length (tokens)", fontsize=8)
-        axis.set_ylabel("key depth", fontsize=8)
-    figure.colorbar(image, ax=axes[0].tolist(), label="greedy exact share (cell: exact, rank-1 share)")
+    axes[0, 0].set_ylabel("key depth", fontsize=8)
+    figure.colorbar(image, ax=axes[0].tolist(), label="greedy exact share")
+    figure.suptitle("pass-key retrieval (cells: greedy exact share, r1 = rank-1 share)", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

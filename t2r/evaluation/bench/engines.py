@@ -49,6 +49,9 @@ class BenchSettings:
     weights: tuple[str, ...] = ("fp32", "int4", "bf16")  # weight formats of the converted rows
     compile: bool = True  # the compiled fast step as rows (besides the eager fp32 one)
     reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
+    # Rows of the training-free sliding-window baseline at the converted model's state bytes
+    # (`t2r.hub.load_baseline`), in the same weight formats: what the recurrent state must beat.
+    baseline: bool = False
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> BenchSettings:
@@ -235,12 +238,28 @@ def converted_cases_from_folder(
 
     torch.set_num_threads(threads)
     model, _ = load_converted(Path(folder))
+    return _variant_cases(model, prompt, settings, "converted")
+
+
+def baseline_cases_from_folder(
+    folder: str, prompt: list[int], settings: dict[str, Any], threads: int
+) -> dict[str, Any]:
+    """As `converted_cases_from_folder`, for the sliding-window baseline of the converted model in
+    `folder` (its teacher over the same sinks and the window of equal state bytes)."""
+    from t2r.hub import load_baseline, load_converted
+
+    torch.set_num_threads(threads)
+    model, _ = load_converted(Path(folder))
+    return _variant_cases(load_baseline(model), prompt, settings, "baseline")
+
+
+def _variant_cases(model: T2RForCausalLM, prompt: list[int], settings: dict[str, Any], kind: str) -> dict[str, Any]:
     bench = BenchSettings.from_dict(settings)
     ids = torch.tensor(prompt, dtype=torch.long)
     cases: list[Case] = []
     weights: dict[str, int] = {}
     fp32_prefill = None
-    for weight_format, variant, engines in converted_variants(model, bench):
+    for weight_format, variant, engines in converted_variants(model, bench, kind):
         # int8 / int4 rows measure decoding: the fp32 prefill's state serves them (a prefill is
         # compute-bound, and the weight-only kernels do not make it faster), so their prefill is not
         # reported separately.
@@ -260,15 +279,16 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def engine_name(weights: str, compiled: bool) -> str:
-    """ "converted (fast)", "converted (compiled, int8)", ...: how a converted row decodes."""
-    return f"converted ({'compiled' if compiled else 'fast'}{'' if weights == 'fp32' else ', ' + weights})"
+def engine_name(weights: str, compiled: bool, kind: str = "converted") -> str:
+    """ "converted (fast)", "converted (compiled, int8)", "baseline (fast)", ...: how a row decodes."""
+    return f"{kind} ({'compiled' if compiled else 'fast'}{'' if weights == 'fp32' else ', ' + weights})"
 
 
 def converted_variants(
-    model: T2RForCausalLM, settings: BenchSettings
+    model: T2RForCausalLM, settings: BenchSettings, kind: str = "converted"
 ) -> list[tuple[str, T2RForCausalLM, dict[str, tuple[Stepper, tuple[int, ...]]]]]:
-    """(weight format, model with those weights, engines) for each converted row set."""
+    """(weight format, model with those weights, engines) for each row set of `kind` (converted or
+    baseline; only the converted model has the reference-step row)."""
     from t2r.modeling.quantize import with_weights
 
     batches = tuple(settings.batches)
@@ -276,10 +296,10 @@ def converted_variants(
     for weights in settings.weights:
         engines: dict[str, tuple[Stepper, tuple[int, ...]]] = {}
         if weights == "fp32" or not settings.compile:
-            engines[engine_name(weights, False)] = (stepper_for(Decoder()), batches)
+            engines[engine_name(weights, False, kind)] = (stepper_for(Decoder()), batches)
         if settings.compile:  # one compiled decoder per weight format: compiled once, reused
-            engines[engine_name(weights, True)] = (stepper_for(Decoder(compile=True)), batches)
-        if weights == "fp32" and settings.reference_step:
+            engines[engine_name(weights, True, kind)] = (stepper_for(Decoder(compile=True)), batches)
+        if weights == "fp32" and settings.reference_step and kind == "converted":
             engines["converted (step)"] = (reference_stepper, (1,))  # the reference, batch 1 only
         variants.append((weights, with_weights(model, weights), engines))
     return variants

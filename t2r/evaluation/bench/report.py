@@ -18,8 +18,8 @@ def find(cases: list[dict], engine: str, context: int, batch: int = 1) -> dict |
     return None
 
 
-def converted_engines(cases: list[dict]) -> list[str]:
-    return sorted({c["engine"] for c in cases if c["engine"].startswith("converted")})
+def converted_engines(cases: list[dict], kind: str = "converted") -> list[str]:
+    return sorted({c["engine"] for c in cases if c["engine"].startswith(kind)})
 
 
 def best_engine(cases: list[dict], context: int) -> str | None:
@@ -117,7 +117,7 @@ def bound_table(record: dict[str, Any]) -> list[str]:
 
 def table(record: dict[str, Any], batch: int) -> list[str]:
     cases = record["cases"]
-    engines = [TEACHER, *converted_engines(cases), "llama.cpp"]
+    engines = [TEACHER, *converted_engines(cases), *converted_engines(cases, "baseline"), "llama.cpp"]
     engines = [e for e in engines if any(c["engine"] == e and c["batch"] == batch for c in cases)]
     contexts = sorted({c["context"] for c in cases})
     header = "| engine | " + " | ".join(f"{n:,}" for n in contexts) + " |"
@@ -147,7 +147,7 @@ def plot(record: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     cases = record["cases"]
-    engines = [TEACHER, *converted_engines(cases), "llama.cpp"]
+    engines = [TEACHER, *converted_engines(cases), *converted_engines(cases, "baseline"), "llama.cpp"]
     paths = []
     for name, key, scale, label in [
         ("bench_decode.png", "decode_tokens_per_s", 1, "decode tokens/s (batch 1)"),

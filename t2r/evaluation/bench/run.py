@@ -106,6 +106,12 @@ def run_bench(
             teacher_limit,
         ),
     }
+    if settings.baseline:
+        runs["baseline"] = (
+            "baseline_cases_from_folder",
+            {"folder": str(folder), "settings": asdict(settings), "threads": threads},
+            max(settings.contexts),
+        )
     status = {name: "measured" for name in (*runs, "llama_cpp")}
     if gguf is not None and llama_cpp_available():
         runs["llama_cpp"] = ("llama_cpp_cases_from_gguf", {"gguf": gguf, **common}, teacher_limit)
@@ -139,6 +145,7 @@ def run_bench(
         "teacher": status["teacher"],
         "weight_bytes_per_token": weights,
         "llama_cpp": status["llama_cpp"],
+        "baseline": status.get("baseline", "not asked for"),
         "cases": [case.to_dict() for case in cases],
     }
 
