@@ -26,6 +26,8 @@ _PUBLIC = {
     "load_model": "t2r.hub",
     "load_converted": "t2r.hub",
     "save_converted": "t2r.hub",
+    "load_baseline": "t2r.hub",
+    "sliding_window_baseline": "t2r.modeling.baseline",
     "Sampling": "t2r.inference.sampling",
     "generate": "t2r.inference.generate",
     "generate_batch": "t2r.inference.generate",
