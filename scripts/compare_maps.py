@@ -10,8 +10,13 @@ Rows (all pure linear attention, the default model SmolLM2-135M as teacher):
       at learning rate 1e-4);
   (c) T2R from scratch: same architecture, random weights, all parameters trained for the budget.
 Fine-tuning is next-token cross-entropy on three novels and Shakespeare (../shared/data); every row
-sees the same number of tokens. Scored by `t2r eval` on the first 8,192 tokens of WikiText-2 test,
+sees the same number of tokens. Scored by `t2r eval` on the first 40,000 tokens of WikiText-2 test,
 windows of 512, teacher first. Writes benchmarks/compare_maps.{json,png} and a BENCHMARKS.md table.
+
+Resumable row by row, across sessions: each finished row's score is kept in
+benchmarks/compare_maps/<steps>/row<i>.json (committed), and a run trains only the rows that have
+none; `--rows N` stops after N new rows (a row of 100 steps takes 20-40 minutes here). The table
+lists the rows done so far and names the ones still pending.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ def t2r(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of 4 x 512 tokens per row")
-    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of 4 x 512 tokens per row")
+    parser.add_argument("--eval-tokens", type=int, default=40000)
+    parser.add_argument("--rows", type=int, default=None, help="train at most N new rows in this run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = []
@@ -63,7 +69,7 @@ def main() -> None:
         "--eval-blocks",
         "4",
         "--checkpoint-every",
-        "1000",
+        "25",  # a row cut off by the end of a session resumes from its last checkpoint
         *data,
     ]
     half = args.steps // 2
@@ -109,22 +115,29 @@ def main() -> None:
         "512",
         "--json",
     ]
-    results = [{"name": "teacher (softmax attention)", **json.loads(t2r("eval", "smollm2-135m", *scoring))}]
+    kept = ROOT / "benchmarks" / "compare_maps" / f"{args.steps}-{args.eval_tokens}"
+    kept.mkdir(parents=True, exist_ok=True)
+    teacher_file = kept / "teacher.json"
+    if not teacher_file.exists():
+        teacher = {"name": "teacher (softmax attention)", **json.loads(t2r("eval", "smollm2-135m", *scoring))}
+        teacher_file.write_text(json.dumps(teacher, indent=1))
+    results = [json.loads(teacher_file.read_text())]
+    pending, new_rows = [], 0
     for index, (name, flags) in enumerate(runs):
-        run_dir = args.out / f"run{index}"
-        if not (run_dir / "model" / "config.json").is_file():
-            t2r("train", "--out", str(run_dir), *common, *flags)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        score = json.loads(t2r("eval", str(run_dir / "model"), *scoring, "--teacher", "smollm2-135m"))
-        results.append(
-            {
-                "name": name,
-                "flags": flags,
-                "train_tokens": summary["tokens"],
-                "train_minutes": summary["minutes"],
-                **score,
-            }
-        )
+        row_file = kept / f"row{index}.json"
+        if not row_file.exists() and (args.rows is None or new_rows < args.rows):
+            run_dir = args.out / f"run{index}-{args.steps}"
+            if not (run_dir / "model" / "config.json").is_file():
+                t2r("train", "--out", str(run_dir), *common, *flags, *(["--resume"] if run_dir.exists() else []))
+            summary = json.loads((run_dir / "summary.json").read_text())
+            score = json.loads(t2r("eval", str(run_dir / "model"), *scoring, "--teacher", "smollm2-135m"))
+            row = {"name": name, "flags": flags, "train_tokens": summary["tokens"], "train_minutes": summary["minutes"]}
+            row_file.write_text(json.dumps({**row, **score}, indent=1))
+            new_rows += 1
+        if row_file.exists():
+            results.append(json.loads(row_file.read_text()))
+        else:
+            pending.append(name)
     teacher_ppl = results[0]["perplexity"]
     for row in results:
         row["ratio"] = row["perplexity"] / teacher_ppl
@@ -145,7 +158,8 @@ def main() -> None:
         "",
         f"Budget: {budget:,} training tokens per row ({args.steps} steps of 4 x 512). Scored: first "
         f"{args.eval_tokens:,} tokens of wikitext2/test.txt, windows of 512 ({results[0]['tokens']:,} tokens).",
-        f"Command: `python scripts/compare_maps.py --steps {args.steps} --eval-tokens {args.eval_tokens}`.",
+        f"Command: `python scripts/compare_maps.py --steps {args.steps} --eval-tokens {args.eval_tokens}`"
+        f"{'' if not pending else ' (resumable: rows still pending: ' + '; '.join(pending) + ')'}.",
         "![perplexity by row](benchmarks/compare_maps.png)",
     ]
     replace_section(ROOT / "BENCHMARKS.md", "compare", "\n".join(lines), "The paper's comparison at equal budget")
