@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,11 @@ def run(args: argparse.Namespace) -> None:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
         raise UsageError(f"{data_name}: fewer than 2 tokens, nothing to score")
+    scoring = Scoring(model, ids, data_name, teacher, teacher_spec, baseline)
     if args.long:
-        report_long(args, model, ids, teacher, teacher_spec, data_name, baseline)
+        report_long(args, scoring)
     else:
-        report_windows(args, model, ids, teacher, teacher_spec, data_name, stride, baseline)
+        report_windows(args, scoring, stride)
 
 
 def load_eval_teacher(spec: str | None, model: Any) -> tuple[Any, str | None]:
@@ -143,18 +145,24 @@ def load_eval_baseline(window: int | None, model: Any, teacher: Any) -> Any:
     return load_baseline(model, teacher, None if window == EQUAL_MEMORY else window)
 
 
-def report_windows(
-    args: argparse.Namespace,
-    model: Any,
-    ids: Any,
-    teacher: Any,
-    teacher_spec: str | None,
-    data_name: str,
-    stride: int,
-    baseline: Any = None,
-) -> None:
+@dataclass(frozen=True)
+class Scoring:
+    """What a perplexity run scores: the model, the token ids [N] of the data, and what it is
+    compared with (the teacher and the baseline, or None)."""
+
+    model: Any
+    ids: Any
+    data_name: str
+    teacher: Any = None
+    teacher_spec: str | None = None
+    baseline: Any = None
+
+
+def report_windows(args: argparse.Namespace, scoring: Scoring, stride: int) -> None:
     from t2r.evaluation.perplexity import evaluate
 
+    model, ids, teacher, baseline = scoring.model, scoring.ids, scoring.teacher, scoring.baseline
+    teacher_spec, data_name = scoring.teacher_spec, scoring.data_name
     batch_size = args.batch_size or (16 if args.mode == "recurrent" else 4)
     result = evaluate(model, ids, args.seq_len, stride, args.mode, teacher, batch_size)
     record = {"model": args.model, "weights": args.weights, "data": data_name, **result.to_dict()}
@@ -179,17 +187,11 @@ def report_windows(
             print(f"{prefix}KL(teacher||model) {scored.kl:.4f} nats/token, top-1 agreement {scored.top1_agreement:.4f}")
 
 
-def report_long(
-    args: argparse.Namespace,
-    model: Any,
-    ids: Any,
-    teacher: Any,
-    teacher_spec: str | None,
-    data_name: str,
-    baseline: Any = None,
-) -> None:
+def report_long(args: argparse.Namespace, scoring: Scoring) -> None:
     from t2r.evaluation.long_context import score_long
 
+    model, ids, teacher, baseline = scoring.model, scoring.ids, scoring.teacher, scoring.baseline
+    teacher_spec, data_name = scoring.teacher_spec, scoring.data_name
     result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
     record = {"model": args.model, "data": data_name, "teacher": teacher_spec, **result.to_dict()}
     if baseline is not None:
