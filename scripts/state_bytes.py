@@ -1,13 +1,14 @@
 """Where the bytes go: state bytes per sequence against quality, for the sliding-window baseline at
 several windows and for converted models.
 
-    python scripts/state_bytes.py --windows 64,128,192,291 --model runs/recipe-hybrid-long/train/model
+    python scripts/state_bytes.py --windows 64,128,192
 
 Each window W is `t2r convert --feature-map none --window W` (4 sinks, no training), scored by
 `t2r eval` on the first 40,000 tokens of wikitext2/test.txt in windows of 512 (with the teacher:
 KL, agreement) and along one 32,768-token stream of Dracula then Moby Dick (`--long`, 2k-8k ratio
-to the teacher). Each converted model given with --model is scored the same way. Every eval's JSON
-is kept in benchmarks/state_bytes/ (a finished one is not rerun); writes a table and a plot
+to the teacher). The converted model and its equal-memory baseline come from
+scripts/equal_memory.py's summary (the same evals), when it exists. Every eval's JSON is kept in
+benchmarks/state_bytes/ (a finished one is not rerun); writes a table and a plot
 (benchmarks/state_bytes/state_bytes.png) into BENCHMARKS.md.
 """
 
@@ -55,7 +56,7 @@ def pooled(buckets: list[dict], begin: int, end: int, key: str) -> float:
 
 def row(label: str, kind: str, folder: Path, teacher_ppl: float) -> dict:
     """One model's bytes and figures."""
-    name = folder.name if kind == "baseline" else f"model-{folder.parent.parent.name}"
+    name = folder.name
     wiki = cached(f"{name}-wikitext", ["eval", str(folder), *WIKITEXT, "--teacher"])
     long = cached(f"{name}-long", ["eval", str(folder), *LONG, "--teacher"])
     buckets = long["buckets"]
@@ -98,8 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", default="64,128,192,291", help="baseline windows, comma-separated")
-    parser.add_argument("--model", action="append", default=[], help="a converted model folder (repeatable)")
+    parser.add_argument("--windows", default="64,128,192", help="baseline windows, comma-separated")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     teacher_ppl = cached("teacher-wikitext", ["eval", TEACHER, *WIKITEXT])["perplexity"]
@@ -110,11 +110,15 @@ def main() -> None:
             t2r("convert", "--model", TEACHER, "--feature-map", "none", "--window", str(window), "--out", str(folder),
                 "--overwrite")  # fmt: skip
         rows.append(row(f"window {window} + 4 sinks", "baseline", folder, teacher_ppl))
-    for model in args.model:
-        folder = Path(model)
-        config = json.loads((folder / "config.json").read_text())["t2r"]
-        label = f"converted: {config['feature_map']}, window {config['window']}, half-life {config['half_life']}"
-        rows.append(row(label, "converted", folder, teacher_ppl))
+    equal = ROOT / "benchmarks" / "equal_memory"
+    if (equal / "summary.json").exists():
+        summary = json.loads((equal / "summary.json").read_text())
+        config = json.loads((equal / "wikitext.json").read_text())
+        for name, kind in (("model", "converted"), ("baseline", "baseline")):
+            figures = summary[name]
+            label = f"window {figures['window']} + 4 sinks" if kind == "baseline" else f"converted: {config['model']}"
+            keys = ("state_bytes", "wikitext_ratio", "kl", "top1_agreement", "long_2k_8k_ratio")
+            rows.append({"label": label, "kind": kind, **{key: figures[key] for key in keys}})
     (OUT / "rows.json").write_text(json.dumps(rows, indent=1))
     plot(rows, OUT / "state_bytes.png")
     lines = [
@@ -126,7 +130,7 @@ def main() -> None:
             f"| {r['label']} | {r['state_bytes'] / 2**20:.2f} | {r['wikitext_ratio']:.3f} | {r['kl']:.3f} | "
             f"{r['top1_agreement']:.3f} | {r['long_2k_8k_ratio']:.3f} |"
         )
-    command = f"python scripts/state_bytes.py --windows {args.windows}" + "".join(f" --model {m}" for m in args.model)
+    command = f"python scripts/state_bytes.py --windows {args.windows}"
     lines += [
         "",
         f"Teacher: {teacher_ppl:.2f} on the same WikiText-2 tokens (first 40,000 of test, windows of 512). Long: "
