@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from t2r.evaluation.chat import ChatResult, scores_markdown, side_by_side_markdown
 from t2r.evaluation.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,6 +173,9 @@ def main() -> None:
     replace_section(
         ROOT / "BENCHMARKS.md", "equal-memory", table(rows, command), "Against the sliding window of equal memory"
     )
+    chat = ChatResult.from_dict(results["chat"])
+    samples = scores_markdown(chat) + "\n\n" + side_by_side_markdown(chat, count=6)
+    replace_section(ROOT / "BENCHMARKS.md", "chat-samples", samples, "Chat fidelity: side by side")
     print(json.dumps({name: {k: v for k, v in row.items() if not isinstance(v, dict)} for name, row in rows.items()}))
 
 
