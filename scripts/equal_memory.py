@@ -54,8 +54,8 @@ def evals(model: str, trials: int) -> dict[str, list[str]]:
         "wikitext": ["eval", model, *wikitext, "--teacher", "--baseline", "--json"],
         "long": ["eval", model, *long, "--baseline", "--json"],
         "passkey": ["eval", model, *passkey, "--baseline", "--json"],
-        "passkey_beyond": ["eval", model, *beyond, "--baseline", "--json"],
         "chat": ["eval", model, "--chat", "--baseline", "--json"],
+        "passkey_beyond": ["eval", model, *beyond, "--baseline", "--json"],
     }
 
 
