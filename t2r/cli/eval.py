@@ -29,8 +29,8 @@ def add_parser(commands: Any) -> None:
         type=Path,
         action="append",
         default=None,
-        help="a UTF-8 text file; repeat to score several joined into one document (--passkey: the prose to hide "
-        "the key in)",
+        help="a UTF-8 text file; repeat to score several joined into one document (required but with --passkey, "
+        "where it is the prose to hide the key in; default there: the built-in corpus)",
     )
     parser.add_argument("--max-tokens", type=positive_int, default=None, help="score the first N tokens (default: all)")
     parser.add_argument("--seq-len", type=positive_int, default=512, help="window length in tokens")

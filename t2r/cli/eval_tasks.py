@@ -33,14 +33,18 @@ def add_task_flags(parser: argparse.ArgumentParser) -> None:
         help="--passkey: where the key sits, as shares of the prose",
     )
     tasks.add_argument("--trials", type=positive_int, default=3, help="--passkey: keys per length and depth")
-    tasks.add_argument("--plot", type=Path, default=None, help="--passkey: write the heat maps to this PNG")
+    tasks.add_argument(
+        "--plot", type=Path, default=None, help="--passkey: write the heat maps to this PNG (default: no plot)"
+    )
     tasks.add_argument(
         "--chat",
         action="store_true",
         help="chat fidelity: greedy answers to the committed instructions through the chat template, "
         "token by token against the teacher's",
     )
-    tasks.add_argument("--limit", type=positive_int, default=None, help="--chat: the first N instructions (all: none)")
+    tasks.add_argument(
+        "--limit", type=positive_int, default=None, help="--chat: the first N instructions (default: all)"
+    )
     tasks.add_argument("--max-new-tokens", type=positive_int, default=128, help="--chat: tokens per answer")
 
 
