@@ -7,7 +7,7 @@ eval is not rerun: delete its JSON to redo it), then one table in BENCHMARKS.md:
 - wikitext: the first 40,000 tokens of wikitext2/test.txt in windows of 512 (KL, top-1 agreement);
 - long: one 32,768-token stream of two novels no recipe trains on (Dracula, then Moby Dick),
   per position bucket; the teacher runs on its first 8,192 tokens;
-- passkey: a 5-digit key at depths 10/50/90% of the built-in prose, 256 to 8k tokens (3 keys per
+- passkey: a 5-digit key at depths 10/50/90% of the built-in prose, 256 to 8k tokens (2 keys per
   cell), and 16k, 32k past the teacher's context (1 key per cell), greedy exact and rank among 100
   candidates; heat maps as PNG;
 - chat: greedy answers (128 tokens) to the 75 committed instructions, against the teacher's.
@@ -79,7 +79,8 @@ def summary(results: dict[str, dict]) -> dict[str, dict]:
     """Per row (model, baseline): the figures of the issue's bars."""
     teacher_ppl = results["teacher_wikitext"]["perplexity"]
     wikitext, long, passkey, chat = (results[name] for name in ("wikitext", "long", "passkey", "chat"))
-    passkeys = (passkey, results["passkey_beyond"])
+    # Past 8k is optional: a 32k prompt takes minutes per model on this CPU.
+    passkeys = [p for p in (passkey, results.get("passkey_beyond")) if p is not None]
     chat_scores = chat.get("scores", {})
     rows = {}
     for row, wiki, stream in (("model", wikitext, long), ("baseline", wikitext["baseline"], long["baseline"])):
@@ -143,7 +144,11 @@ def table(rows: dict[str, dict], command: str) -> str:
         "greedy answers to the 75 committed instructions, against the teacher's.",
         f"Command: `{command}`; each eval's JSON in benchmarks/equal_memory/.",
         "![pass-key heat maps](benchmarks/equal_memory/passkey.png)",
-        "![pass-key heat maps past the teacher's context](benchmarks/equal_memory/passkey_beyond.png)",
+        *(
+            ["![pass-key heat maps past the teacher's context](benchmarks/equal_memory/passkey_beyond.png)"]
+            if (OUT / "passkey_beyond.png").exists()
+            else []
+        ),
     ]
     return "\n".join(lines)
 
@@ -151,7 +156,7 @@ def table(rows: dict[str, dict], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a converted model folder")
-    parser.add_argument("--trials", type=int, default=3, help="pass-key keys per length and depth")
+    parser.add_argument("--trials", type=int, default=2, help="pass-key keys per length and depth")
     parser.add_argument("--only", nargs="*", default=None, help="run only these evals (names as in the JSON files)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -164,7 +169,7 @@ def main() -> None:
             path.write_text(json.dumps(record, indent=1))
         if path.exists():
             results[name] = json.loads(path.read_text())
-    if len(results) < len(evals(args.model, args.trials)):
+    if len(results.keys() - {"passkey_beyond"}) < len(evals(args.model, args.trials)) - 1:
         print(f"done: {', '.join(results)}; the table needs every eval", file=sys.stderr)
         return
     rows = summary(results)
