@@ -132,6 +132,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: runs/recipe[-hybrid]")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--skip-train", action="store_true", help="only score an existing run")
+    parser.add_argument(
+        "--scores-from",
+        type=Path,
+        default=None,
+        help="take the teacher's and the model's WikiText-2 scores from scripts/equal_memory.py's JSON in this "
+        "folder (the same `t2r eval` flags) instead of scoring again",
+    )
     args = parser.parse_args()
     recipe = RECIPES[args.recipe]
     args.out = args.out or ROOT / "runs" / ("recipe" if args.recipe == "linear" else f"recipe-{args.recipe}")
@@ -156,8 +163,12 @@ def main() -> None:
     wall_minutes = ((train_dir / "summary.json").stat().st_mtime - started) / 60
     test = str(SHARED / "wikitext2" / "test.txt")
     scoring = ["--data", test, "--max-tokens", "40000", "--seq-len", "512", "--json"]
-    teacher = json.loads(t2r("eval", "smollm2-135m", *scoring))
-    student = json.loads(t2r("eval", str(train_dir / "model"), *scoring, "--teacher"))
+    if args.scores_from is not None:
+        teacher = json.loads((args.scores_from / "teacher_wikitext.json").read_text())
+        student = json.loads((args.scores_from / "wikitext.json").read_text())
+    else:
+        teacher = json.loads(t2r("eval", "smollm2-135m", *scoring))
+        student = json.loads(t2r("eval", str(train_dir / "model"), *scoring, "--teacher"))
     summary = json.loads((train_dir / "summary.json").read_text())
     model_config = json.loads((train_dir / "model" / "config.json").read_text())
     result = {
