@@ -41,12 +41,12 @@ def t2r(*args: str) -> str:
     return subprocess.run([sys.executable, "-m", "t2r", *args], check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def evals(model: str, trials: int) -> dict[str, list[str]]:
+def evals(model: str, trials: int, lengths: str = PASSKEY_LENGTHS, limit: int | None = None) -> dict[str, list[str]]:
     """Each eval's `t2r` arguments."""
     wikitext = ["--data", str(SHARED / "wikitext2" / "test.txt"), "--max-tokens", "40000", "--seq-len", "512"]
     novels = [arg for name in HELD_OUT for arg in ("--data", str(SHARED / "books" / name))]
     long = [*novels, "--long", "--max-tokens", "32768", "--segment", "1024", "--teacher"]
-    passkey = ["--passkey", "--lengths", PASSKEY_LENGTHS, "--trials", str(trials), "--plot", str(OUT / "passkey.png")]
+    passkey = ["--passkey", "--lengths", lengths, "--trials", str(trials), "--plot", str(OUT / "passkey.png")]
     # One key per depth past 8k: a 32k prompt takes minutes to prefill on this CPU.
     beyond = ["--passkey", "--lengths", PASSKEY_BEYOND, "--trials", "1", "--plot", str(OUT / "passkey_beyond.png")]
     return {
@@ -54,7 +54,7 @@ def evals(model: str, trials: int) -> dict[str, list[str]]:
         "wikitext": ["eval", model, *wikitext, "--teacher", "--baseline", "--json"],
         "long": ["eval", model, *long, "--baseline", "--json"],
         "passkey": ["eval", model, *passkey, "--baseline", "--json"],
-        "chat": ["eval", model, "--chat", "--baseline", "--json"],
+        "chat": ["eval", model, "--chat", "--baseline", "--json", *(["--limit", str(limit)] if limit else [])],
         "passkey_beyond": ["eval", model, *beyond, "--baseline", "--json"],
     }
 
@@ -103,6 +103,8 @@ def summary(results: dict[str, dict]) -> dict[str, dict]:
     rows["baseline"]["state_bytes"] = wikitext["baseline"]["state_bytes"]
     rows["baseline"]["window"] = wikitext["baseline"]["window"]
     rows["teacher"] = {
+        "chat_instructions": len(chat["instructions"]),
+        "passkey_trials": passkey["settings"]["trials"],
         "wikitext_perplexity": teacher_ppl,
         "passkey_exact": {n: passkey_share(p, "teacher", n) for p in passkeys for n in p["settings"]["lengths"]},
     }
@@ -140,8 +142,9 @@ def table(rows: dict[str, dict], command: str) -> str:
         "",
         "WikiText-2: first 40,000 tokens of wikitext2/test.txt, windows of 512. Long: one 32,768-token stream of "
         "Dracula then Moby Dick (no recipe trains on them), ratio of the 2k-8k buckets' pooled perplexity to the "
-        "teacher's on the same tokens. Pass key: greedy exact share over depths 10/50/90% and every trial. Chat: "
-        "greedy answers to the 75 committed instructions, against the teacher's.",
+        "teacher's on the same tokens. Pass key: greedy exact share over depths 10/50/90% and "
+        f"{teacher['passkey_trials']} key(s) per depth. Chat: greedy answers to the first "
+        f"{teacher['chat_instructions']} committed instructions (128 tokens at most), against the teacher's.",
         f"Command: `{command}`; each eval's JSON in benchmarks/equal_memory/.",
         "![pass-key heat maps](benchmarks/equal_memory/passkey.png)",
         *(
@@ -158,10 +161,12 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a converted model folder")
     parser.add_argument("--trials", type=int, default=2, help="pass-key keys per length and depth")
     parser.add_argument("--only", nargs="*", default=None, help="run only these evals (names as in the JSON files)")
+    parser.add_argument("--passkey-lengths", default=PASSKEY_LENGTHS, help="pass-key prompt lengths up to 8k")
+    parser.add_argument("--chat-limit", type=int, default=None, help="the first N chat instructions (default: all)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, command in evals(args.model, args.trials).items():
+    for name, command in evals(args.model, args.trials, args.passkey_lengths, args.chat_limit).items():
         path = OUT / f"{name}.json"
         if not path.exists() and (args.only is None or name in args.only):
             record = json.loads(t2r(*command))
@@ -169,12 +174,17 @@ def main() -> None:
             path.write_text(json.dumps(record, indent=1))
         if path.exists():
             results[name] = json.loads(path.read_text())
-    if len(results.keys() - {"passkey_beyond"}) < len(evals(args.model, args.trials)) - 1:
+    if (
+        len(results.keys() - {"passkey_beyond"})
+        < len(evals(args.model, args.trials, args.passkey_lengths, args.chat_limit)) - 1
+    ):
         print(f"done: {', '.join(results)}; the table needs every eval", file=sys.stderr)
         return
     rows = summary(results)
     (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
     command = f"python scripts/equal_memory.py --model {args.model} --trials {args.trials}"
+    command += f" --passkey-lengths {args.passkey_lengths}" if args.passkey_lengths != PASSKEY_LENGTHS else ""
+    command += f" --chat-limit {args.chat_limit}" if args.chat_limit else ""
     replace_section(
         ROOT / "BENCHMARKS.md", "equal-memory", table(rows, command), "Against the sliding window of equal memory"
     )

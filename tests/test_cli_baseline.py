@@ -12,7 +12,8 @@ from tests.test_cli import only_line, run
 
 
 def test_eval_scores_the_equal_memory_baseline(converted_folder: Path, text_file: Path, capfd) -> None:
-    args = ["eval", converted_folder, "--data", text_file, "--seq-len", 160, "--stride", 80, "--teacher", "--json"]
+    args = ["eval", converted_folder, "--data", text_file, "--max-tokens", 400, "--seq-len", 160, "--stride", 80]
+    args += ["--teacher", "--json"]
     code, out, err = run([*args, "--baseline"], capfd)
     assert code == 0, err
     record = json.loads(out)
