@@ -102,7 +102,9 @@ def main() -> None:
     parser.add_argument("--windows", default="64,128,192", help="baseline windows, comma-separated")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    teacher_ppl = cached("teacher-wikitext", ["eval", TEACHER, *WIKITEXT])["perplexity"]
+    equal_teacher = ROOT / "benchmarks" / "equal_memory" / "teacher_wikitext.json"  # the same command
+    teacher = json.loads(equal_teacher.read_text()) if equal_teacher.exists() else None
+    teacher_ppl = (teacher or cached("teacher-wikitext", ["eval", TEACHER, *WIKITEXT]))["perplexity"]
     rows = []
     for window in (int(w) for w in args.windows.split(",")):
         folder = ROOT / "runs" / f"baseline-{window}"
