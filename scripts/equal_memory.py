@@ -100,7 +100,7 @@ def summary(results: dict[str, dict]) -> dict[str, dict]:
             "passkey_rank1": {n: passkey_share(p, row, n, "rank1") for p in passkeys for n in p["settings"]["lengths"]},
             "chat": chat_scores.get(row),
         }
-    rows["model"]["state_bytes"] = long["state_bytes"][-1]
+    rows["model"]["state_bytes"] = long["state_bytes_last"]
     rows["baseline"]["state_bytes"] = wikitext["baseline"]["state_bytes"]
     rows["baseline"]["window"] = wikitext["baseline"]["window"]
     rows["teacher"] = {

@@ -63,7 +63,7 @@ def row(label: str, kind: str, folder: Path, teacher_ppl: float) -> dict:
     return {
         "label": label,
         "kind": kind,
-        "state_bytes": long["state_bytes"][-1],
+        "state_bytes": long["state_bytes_last"],
         "wikitext_ratio": wiki["perplexity"] / teacher_ppl,
         "kl": wiki["kl"],
         "top1_agreement": wiki["top1_agreement"],
