@@ -60,6 +60,24 @@ def test_convert_attention_flags_and_their_memory_report(teacher_folder: Path, t
     assert "(+257 bytes per token: KV cache of the softmax layers)" in err
 
 
+def test_convert_a_linear_state_per_kv_head_and_decode_it(teacher_folder: Path, tmp_path: Path, capfd) -> None:
+    """--linear-heads kv reaches the saved config, shrinks the reported state, and decodes; without
+    a window it is one line of error."""
+    sizes = {}
+    for heads in ("query", "kv"):
+        argv = ["convert", "--model", teacher_folder, "--linear-heads", heads, "--out", tmp_path / heads]
+        code, _, err = run(argv, capfd)
+        assert code == 0, err
+        assert json.loads((tmp_path / heads / "config.json").read_text())["t2r"]["linear_heads"] == heads
+        sizes[heads] = float(err.split("state ")[-1].split(" MiB")[0])
+    assert sizes["kv"] < sizes["query"]
+    code, _, err = run(["generate", tmp_path / "kv", "--prompt", "The", "--max-new-tokens", 4, "--greedy"], capfd)
+    assert code == 0, err
+    argv = ["convert", "--model", teacher_folder, "--linear-heads", "kv", "--window", "0", "--out", tmp_path / "x"]
+    code, _, err = run(argv, capfd)
+    assert code != 0 and "--linear-heads kv needs a window" in only_line(err)
+
+
 @pytest.mark.parametrize("feature_map", ["elu", "rfa", "hedgehog"])
 def test_convert_every_feature_map(feature_map: str, teacher_folder: Path, tmp_path: Path, capfd) -> None:
     code, _, err = run(

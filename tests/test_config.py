@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from t2r.errors import UsageError
 from t2r.modeling.config import DEFAULT_HALF_LIFE, T2RConfig
 from t2r.modeling.convert import convert
 from tests.conftest import tiny_model
@@ -28,3 +29,12 @@ def test_forgetting_defaults_and_its_absence() -> None:
     assert T2RConfig(window=0).decay() is None  # pure linear attention keeps every token
     model = convert(tiny_model("llama"), T2RConfig(window=4, half_life=0))
     assert all(attention.decay is None for attention in model.attentions)
+
+
+def test_linear_heads_are_checked() -> None:
+    assert T2RConfig().linear_heads == "query"
+    assert T2RConfig.from_dict({"window": 5}).linear_heads == "query"  # folders saved before the option
+    with pytest.raises(UsageError, match="needs a window"):
+        T2RConfig(window=0, linear_heads="kv")
+    with pytest.raises(UsageError, match="unknown linear heads"):
+        T2RConfig(linear_heads="value")

@@ -14,6 +14,7 @@ from tests.test_model import (
     converted,
     left_padded_batch,
     state_tensors,
+    trained_looking_model,
     with_teacher_context,
 )
 
@@ -22,12 +23,7 @@ from tests.test_model import (
 BF16_TOLERANCE = 2e-2
 
 
-def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
-    """Perturb every parameter: maps and shares that are not the identity init."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.02)
-    return model
+trained_looking = trained_looking_model
 
 
 def assert_fast_path_matches_reference(
@@ -58,6 +54,17 @@ def assert_fast_path_matches_reference(
 def test_fast_step_matches_reference_step(family: str, window: int, softmax_layers: tuple[int, ...]) -> None:
     model = converted(family, "hedgehog", tie_qk=False, window=window, softmax_layers=softmax_layers)
     assert_fast_path_matches_reference(trained_looking(model), fast_step)  # 12 steps > window: the ring wraps
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_step_with_a_linear_state_per_kv_head_matches_reference_step(family: str, weights: str) -> None:
+    from t2r.modeling.quantize import with_weights
+
+    torch.manual_seed(0)
+    model = trained_looking(converted(family, "hedgehog", tie_qk=False, linear_heads="kv"))
+    tolerance = TOLERANCE if weights == "fp32" else BF16_TOLERANCE
+    assert_fast_path_matches_reference(with_weights(model, weights), fast_step, tolerance=tolerance)
 
 
 def test_fast_step_fills_the_sinks_a_short_prompt_left_empty() -> None:

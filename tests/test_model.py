@@ -24,6 +24,14 @@ TOLERANCE = 1e-4
 WINDOWS = [0, 5]  # pure linear, and a hybrid whose window is shorter than the test sequences
 
 
+def trained_looking_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every parameter: maps and shares that are not the identity init."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    return model
+
+
 def converted(family: str, feature_map: str = "t2r", **kwargs) -> torch.nn.Module:
     kwargs.setdefault("window", 5)
     kwargs.setdefault("rotary_features", kwargs["window"] == 0)
@@ -104,6 +112,38 @@ def test_non_attention_weights_stay_bit_identical(family: str) -> None:
 def test_full_forward_equals_prefill_then_decode(family: str, feature_map: str, window: int) -> None:
     model = converted(family, feature_map, tie_qk=feature_map != "hedgehog", window=window)
     assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "rfa", "t2r", "hedgehog"])
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_a_linear_state_per_kv_head_runs_every_form_alike(family: str, feature_map: str) -> None:
+    """--linear-heads kv: the three forms agree, and the state's linear part has G heads (H / G
+    times fewer bytes than per query head, the rest of the state the same)."""
+    model = converted(family, feature_map, tie_qk=feature_map != "hedgehog", linear_heads="kv")
+    assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+    per_query = converted(family, feature_map, tie_qk=feature_map != "hedgehog")
+    shape = model.attentions[0].shape
+    for kv_layer, query_layer in zip(model.init_state(1).layers, per_query.init_state(1).layers, strict=True):
+        assert kv_layer.linear.kv.shape[1] == shape.kv_heads
+        assert kv_layer.linear.nbytes() * shape.query_heads == query_layer.linear.nbytes() * shape.kv_heads
+        assert kv_layer.nbytes() - kv_layer.linear.nbytes() == query_layer.nbytes() - query_layer.linear.nbytes()
+
+
+@torch.no_grad()
+def test_with_a_linear_state_per_kv_head_a_query_reads_its_groups_state() -> None:
+    """Query head h goes through map head h // (H / G), the map of its key/value head (the ops
+    tests check that it then reads that head's state)."""
+    model = trained_looking_model(converted("llama", "hedgehog", tie_qk=False, linear_heads="kv"))
+    attention = model.attentions[0]
+    assert attention.feature_map_q.heads == attention.shape.kv_heads == 2
+    q = torch.randn(1, 4, 3, attention.shape.head_dim, generator=torch.Generator().manual_seed(0))
+    phi_q = attention.query_features(q)
+    for h in range(4):
+        own = attention.feature_map_q(q[:, h : h + 1].expand(1, 2, 3, -1))[:, h // 2]
+        assert torch.allclose(phi_q[:, h], own, atol=1e-6)
+        other = attention.feature_map_q(q[:, h : h + 1].expand(1, 2, 3, -1))[:, 1 - h // 2]
+        assert (phi_q[:, h] - other).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 
-from t2r.modeling.feature_maps import build_feature_map
+from t2r.modeling.feature_maps import build_feature_map, map_query_heads
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 from t2r.ops.windowed import recurrent_windowed_attention, repeat_heads, windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
@@ -17,15 +17,18 @@ from tests.test_ops import assert_close
 B, H, G, D = 2, 4, 2, 12  # GQA: 4 query heads read 2 key/value heads
 SCALE = D**-0.5
 DECAY = torch.tensor([0.9, 0.7, 0.99, 1.0])  # per head, one of them not forgetting at all
+# The linear state per query head (L = H, DECAY per head) or per key/value head (L = G).
+LINEAR_HEADS = {"query": (H, DECAY), "kv": (G, torch.tensor([0.7, 1.0]))}
 
 
-def make_case(length: int, window: int, seed: int = 0, sinks: int = 0):
+def make_case(length: int, window: int, seed: int = 0, sinks: int = 0, linear_heads: str = "query"):
     """Inputs as the attention module makes them, a non-empty initial state, padding in row 1.
 
     With sinks, row 0 already holds one sink and row 1 none: the new tokens fill the rest (in row 1
-    after its padding)."""
+    after its padding). linear_heads "kv": the feature map and the linear state have G heads."""
     generator = torch.Generator().manual_seed(seed)
-    phi = build_feature_map("hedgehog", H, D, 6, generator)
+    heads = LINEAR_HEADS[linear_heads][0]
+    phi = build_feature_map("hedgehog", heads, D, 6, generator)
     with torch.no_grad():
         for parameter in phi.parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
@@ -37,9 +40,9 @@ def make_case(length: int, window: int, seed: int = 0, sinks: int = 0):
     valid[1, : length // 3] = False  # left padding
     window_valid = torch.ones(B, window, dtype=torch.bool)
     window_valid[0, :1] = False  # an empty slot, as after fewer than W tokens
-    prefix_k = phi(randn(B, H, 5, D)).detach()
+    prefix_k = phi(randn(B, heads, 5, D)).detach()
     state_parts = [
-        torch.einsum("bhtf,bhtd->bhfd", prefix_k, randn(B, H, 5, D)),
+        torch.einsum("bhtf,bhtd->bhfd", prefix_k, randn(B, heads, 5, D)),
         prefix_k.sum(2),
         randn(B, G, window, D),
         randn(B, G, window, D),
@@ -72,8 +75,9 @@ def run(op, case, decay: torch.Tensor | None = None):
     q, k, v, linear_q, linear_k, *_, share = leaves
     state = initial_state(leaves, valids)
     out, final = op(
-        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
-    )
+        q, k, v, map_query_heads(phi, linear_q), linear_k, valid, state,
+        feature_map_k=phi, window_share=share, scale=SCALE, decay=decay,
+    )  # fmt: skip
     weights = torch.linspace(-1, 1, out.numel()).view_as(out)
     loss = (out * weights).sum() + final.linear.kv.mean() + (final.linear.k_sum + 1).log().sum()
     loss = loss + (final.keys * 0.5 + final.values * 0.25 + final.linear_keys).sum()
@@ -95,11 +99,13 @@ FORMS = {
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("window", [1, 4, 64])
 @pytest.mark.parametrize("length", [0, 1, 7, 63, 65, 150])
-@pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
 @pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
-def test_forms_match_reference(form: str, window: int, length: int, decay: torch.Tensor | None, sinks: int) -> None:
-    expected = run(windowed_attention, make_case(length, window, sinks=sinks), decay)
-    got = run(FORMS[form], make_case(length, window, sinks=sinks), decay)
+@pytest.mark.parametrize("linear_heads", LINEAR_HEADS)
+def test_forms_match_reference(form: str, window: int, length: int, decay: bool, sinks: int, linear_heads: str) -> None:
+    rates = LINEAR_HEADS[linear_heads][1] if decay else None
+    expected = run(windowed_attention, make_case(length, window, sinks=sinks, linear_heads=linear_heads), rates)
+    got = run(FORMS[form], make_case(length, window, sinks=sinks, linear_heads=linear_heads), rates)
     assert_close(got[0], expected[0], "output")
     names = ["kv", "k_sum", "keys", "values", "linear_keys", "sink_keys", "sink_values"]
     for name, a, b in zip(names, got[1], expected[1], strict=True):
@@ -151,22 +157,28 @@ def test_split_sequence_equals_whole(decay: torch.Tensor | None, sinks: int) -> 
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("decay", [None, DECAY], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
 @pytest.mark.parametrize("sinks", [0, 2], ids=["no-sinks", "sinks"])
-def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None, sinks: int) -> None:
+@pytest.mark.parametrize("linear_heads", LINEAR_HEADS)
+def test_reference_matches_the_formula_token_by_token(decay: bool, sinks: int, linear_heads: str) -> None:
     """out_t = (g sum_soft a_s v_s + (1-g) sum_older lambda^(t-W-s) l_s v_s) / (the same without v),
     soft = the window and the first `sinks` tokens, from an empty state, written with Python loops
-    over one head."""
+    over one head; with a linear state per key/value head, phi of query head h and of its keys is
+    map head h // (H / G)."""
     window, length = 4, 11
-    phi, leaves, _, _ = make_case(length, window)
+    heads, rates = LINEAR_HEADS[linear_heads]
+    rates = rates if decay else None
+    phi, leaves, _, _ = make_case(length, window, linear_heads=linear_heads)
     q, k, v, linear_q, linear_k, *_, share = leaves
     valid = torch.ones(B, length, dtype=torch.bool)
-    state = HybridAttentionState.zeros(B, H, G, phi.out_dim, D, window, sinks=sinks)
+    state = HybridAttentionState.zeros(B, heads, G, phi.out_dim, D, window, sinks=sinks)
     out, _ = windowed_attention(
-        q, k, v, phi(linear_q), linear_k, valid, state, feature_map_k=phi, window_share=share, scale=SCALE, decay=decay
-    )
-    b, h = 1, 1  # head 1 forgets fastest (0.7)
-    forget = 1.0 if decay is None else float(decay[h])
+        q, k, v, map_query_heads(phi, linear_q), linear_k, valid, state,
+        feature_map_k=phi, window_share=share, scale=SCALE, decay=rates,
+    )  # fmt: skip
+    b, h = 1, 1  # head 1 forgets fastest (0.7; its map and state are head 0's with L = G)
+    map_head = h // (H // heads)
+    forget = 1.0 if rates is None else float(rates[map_head])
     kv_head = h // (H // G)
     for t in range(length):
         in_softmax = set(range(max(0, t - window + 1), t + 1)) | set(range(min(sinks, t + 1)))
@@ -176,8 +188,9 @@ def test_reference_matches_the_formula_token_by_token(decay: torch.Tensor | None
             if s in in_softmax:
                 weight = share[h] * torch.exp(q[b, h, t] @ k[b, kv_head, s] * SCALE - peak)
             else:
-                phi_q = phi(linear_q[b : b + 1, :, t : t + 1])[0, h, 0]
-                phi_k = phi(linear_k[b : b + 1, :, s : s + 1].repeat_interleave(H // G, 1))[0, h, 0]
+                query = linear_q[b : b + 1, h : h + 1, t : t + 1].expand(1, heads, 1, D)
+                phi_q = phi(query)[0, map_head, 0]
+                phi_k = phi(linear_k[b : b + 1, :, s : s + 1].repeat_interleave(heads // G, 1))[0, map_head, 0]
                 weight = (1 - share[h]) * (phi_q @ phi_k) * forget ** (t - window - s)
             numerator += weight * v[b, kv_head, s]
             denominator += weight

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from t2r.cli.common import Formatter, layer_indices, non_negative_int, positive_int
-from t2r.modeling.config import DEFAULT_HALF_LIFE, DEFAULT_SINKS, DEFAULT_WINDOW, FEATURE_MAPS
+from t2r.modeling.config import DEFAULT_HALF_LIFE, DEFAULT_SINKS, DEFAULT_WINDOW, FEATURE_MAPS, LINEAR_HEADS
 
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_HELP = "alias (smollm2-135m), .gguf file, local Hugging Face folder or hub id"
@@ -32,6 +32,13 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="feature maps see q/k after rotary positions (default: before, position-free, with a window; "
         "after, without one)",
+    )
+    parser.add_argument(
+        "--linear-heads",
+        choices=LINEAR_HEADS,
+        default=None,
+        help="a feature map and linear state per query head, or per key/value head shared by its query "
+        "group (GQA: fewer state bytes; with a window) (default: query)",
     )
     parser.add_argument(
         "--softmax-layers",
@@ -68,6 +75,7 @@ def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
         # Without a window the linear part is the only attention and needs the positions.
         "rotary_features": args.rotary_features or window == 0,
         "softmax_layers": args.softmax_layers or (),
+        "linear_heads": args.linear_heads or "query",
     }
 
 

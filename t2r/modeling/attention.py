@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2r.modeling.adapters.base import Adapter, HeadShape
-from t2r.modeling.feature_maps import FeatureMap
+from t2r.modeling.feature_maps import FeatureMap, map_query_heads
 from t2r.ops.dispatch import attention_op
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState
 from t2r.ops.windowed import repeat_heads
@@ -29,6 +29,8 @@ class LinearAttention(nn.Module):
     projections: the teacher's attention module, kept whole; the adapter reads its q/k/v/o
         projections, so those weights are the teacher's own tensors.
     feature_map_q: phi for queries; feature_map_k: phi for keys, or None when tied (phi_q is used).
+        Each has H heads (a linear state per query head) or G (one per key/value head: every
+        query head of a group goes through its key/value head's map; hybrid only).
     window: softmax window W in tokens (0: pure linear attention).
     rotary_features: the feature maps see q and k with rotary positions applied (as the teacher's
         softmax does); False feeds them q and k before positions, so that the linear part is the
@@ -75,8 +77,17 @@ class LinearAttention(nn.Module):
     def feature_dim(self) -> int:
         return self.feature_map_q.out_dim
 
+    @property
+    def linear_heads(self) -> int:
+        """L: the linear state's heads, H or G."""
+        return self.feature_map_q.heads
+
     def key_map(self) -> FeatureMap:
         return self.feature_map_q if self.feature_map_k is None else self.feature_map_k
+
+    def query_features(self, q_features: torch.Tensor) -> torch.Tensor:
+        """phi of queries [B, H, T, D] -> [B, H, T, F] (by their key/value head's map when L = G)."""
+        return map_query_heads(self.feature_map_q, q_features)
 
     def feature_inputs(
         self, q: torch.Tensor, k: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Tensor
@@ -89,10 +100,10 @@ class LinearAttention(nn.Module):
         return q_features, k_features
 
     def decay_per_head(self) -> torch.Tensor | None:
-        """[H] fp32 forgetting factors of the linear part, or None."""
+        """[L] fp32 forgetting factors of the linear part, or None."""
         if self.decay is None:
             return None
-        return torch.full((self.shape.query_heads,), self.decay, device=self.window_logit.device)
+        return torch.full((self.linear_heads,), self.decay, device=self.window_logit.device)
 
     def init_state(
         self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
@@ -102,7 +113,7 @@ class LinearAttention(nn.Module):
             return LinearAttentionState.zeros(batch, shape.query_heads, self.feature_dim, shape.head_dim, device)
         return HybridAttentionState.zeros(
             batch,
-            shape.query_heads,
+            self.linear_heads,
             shape.kv_heads,
             self.feature_dim,
             shape.head_dim,
@@ -130,7 +141,7 @@ class LinearAttention(nn.Module):
         q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
         q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary)
         q_features, k_features = self.feature_inputs(q, k, q_raw, k_raw)
-        phi_q = self.feature_map_q(q_features)  # [B, H, T, F]
+        phi_q = self.query_features(q_features)  # [B, H, T, F]
         if self.window == 0:
             heads = self.shape.query_heads
             k_features, v = repeat_heads(k_features, heads), repeat_heads(v, heads)  # GQA, as in the teacher

@@ -11,6 +11,8 @@ from t2r.errors import UsageError
 # "none": no linear part at all: the teacher's softmax over the sinks and the window only (the
 # training-free sliding-window baseline, StreamingLLM; needs a window).
 FEATURE_MAPS = ("elu", "rfa", "t2r", "hedgehog", "none")
+# Whose linear state: one per query head, or one per key/value head shared by its query group (GQA).
+LINEAR_HEADS = ("query", "kv")
 WEIGHT_FORMATS = ("fp32", "bf16", "int8", "int4")  # how decoding may store the projections (t2r.modeling.quantize)
 # The softmax window in tokens of the default hybrid (0 is pure linear attention).
 DEFAULT_WINDOW = 64
@@ -44,6 +46,9 @@ class T2RConfig:
         tokens after it leaves the window (0: never forgets, the plain LoLCATs sum; None:
         DEFAULT_HALF_LIFE with a window, 0 without). Bounded, the linear state holds as much as it
         held in training at any length, instead of growing with the length.
+    linear_heads: "query": a feature map and a linear state per query head; "kv": one per key/value
+        head, read by every query head of its group through that head's map (GQA for the linear
+        part: H / G times fewer state bytes; with a window only).
     sinks: with a window, the first `sinks` tokens of a sequence stay in the softmax part for good
         (attention sinks: the teacher parks much of its attention there); None: DEFAULT_SINKS with
         a window, 0 without. Constant memory: `sinks` keys and values per layer.
@@ -61,6 +66,7 @@ class T2RConfig:
     softmax_layers: tuple[int, ...] = ()
     half_life: int | None = None
     sinks: int | None = None
+    linear_heads: str = "query"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
@@ -83,6 +89,10 @@ class T2RConfig:
             raise UsageError(f"sinks must be >= 0 tokens, got {self.sinks}")
         if self.sinks and not self.window:
             raise UsageError("--sinks needs a window (--window > 0): sinks are softmax slots beside the window")
+        if self.linear_heads not in LINEAR_HEADS:
+            raise UsageError(f"unknown linear heads {self.linear_heads!r}; choose one of {', '.join(LINEAR_HEADS)}")
+        if self.linear_heads == "kv" and not self.window:
+            raise UsageError("--linear-heads kv needs a window (--window > 0)")
         if any(index < 0 for index in self.softmax_layers):
             raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:

@@ -25,10 +25,10 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
     generator = torch.Generator().manual_seed(config.seed)
     parameter = next(teacher.parameters())
 
+    map_heads = shape.kv_heads if config.linear_heads == "kv" else shape.query_heads
+
     def new_map() -> nn.Module:
-        feature_map = build_feature_map(
-            config.feature_map, shape.query_heads, shape.head_dim, config.feature_dim, generator
-        )
+        feature_map = build_feature_map(config.feature_map, map_heads, shape.head_dim, config.feature_dim, generator)
         return feature_map.to(device=parameter.device, dtype=parameter.dtype)
 
     layers = adapter.layers(teacher)

@@ -27,7 +27,7 @@ from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionSta
 class RingWindow:
     """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
 
-    kv [B, H, F, D], k_sum [B, H, F] fp32; keys, values [B, G, S + W, D] and valid [B, S + W]: the
+    kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values [B, G, S + W, D] and valid [B, S + W]: the
     S sink slots first, then the W window slots, so that one product scores both without a copy;
     linear_keys [B, G, W, D] (the window slots only).
     The window slots are a ring: `FastState.next_slot` is the oldest, the next to be overwritten.
@@ -159,17 +159,17 @@ def _hybrid_step(
     sink_q [B, H, D] scores the sinks instead of q (past the teacher's context), or None.
     """
     batch, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
+    kv_heads, linear_heads = k.shape[1], ring.kv.shape[1]
+    groups, linear_groups = heads // kv_heads, linear_heads // kv_heads  # linear_groups: 1 or groups
     sinks = ring.sinks
     window_slot = slot + sinks if sinks else slot  # the slot in keys / values / valid
     # 1. Evict: phi(oldest linear key) (x) its value into the linear state (only valid slots).
     leaving_key = ring.linear_keys.index_select(2, slot)  # [B, G, 1, D]
-    leaving_key = leaving_key.repeat_interleave(groups, 1) if groups > 1 else leaving_key
-    phi_leaving = attention.key_map()(leaving_key.to(k_features.dtype))[:, :, 0].float()  # [B, H, F]
+    leaving_key = leaving_key.repeat_interleave(linear_groups, 1) if linear_groups > 1 else leaving_key
+    phi_leaving = attention.key_map()(leaving_key.to(k_features.dtype))[:, :, 0].float()  # [B, L, F]
     phi_leaving = phi_leaving * ring.valid.index_select(1, window_slot)[:, :, None]
     leaving_value = ring.values.index_select(2, window_slot)[:, :, 0].float()
-    leaving_value = leaving_value.repeat_interleave(groups, 1) if groups > 1 else leaving_value
+    leaving_value = leaving_value.repeat_interleave(linear_groups, 1) if linear_groups > 1 else leaving_value
     if attention.decay is not None:  # the linear state forgets once per step (ops.windowed)
         ring.kv.mul_(attention.decay)
         ring.k_sum.mul_(attention.decay)
@@ -205,10 +205,12 @@ def _hybrid_step(
     weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
     window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
     window_den = weights.sum(-1).view(batch, heads)
-    # 4. Linear part from the state (the evicted key included).
-    phi_q = attention.feature_map_q(q_features[:, :, None])[:, :, 0].float()  # [B, H, F]
-    linear_num = torch.matmul(phi_q.unsqueeze(-2), ring.kv).squeeze(-2)
-    linear_den = (phi_q * ring.k_sum).sum(-1)
+    # 4. Linear part from the state (the evicted key included): query heads grouped by their
+    #    linear head (H / L of them each), no repeat of the state.
+    phi_q = attention.query_features(q_features[:, :, None])[:, :, 0].float()  # [B, H, F]
+    phi_q_grouped = phi_q.view(batch, linear_heads, heads // linear_heads, -1)  # [B, L, H / L, F]
+    linear_num = torch.matmul(phi_q_grouped, ring.kv).view(batch, heads, head_dim)
+    linear_den = (phi_q_grouped * ring.k_sum[:, :, None]).sum(-1).view(batch, heads)
     share = torch.sigmoid(attention.window_logit.float())[None, :]  # [1, H]
     numerator = share[..., None] * window_num + (1 - share[..., None]) * linear_num
     denominator = share * window_den + (1 - share) * linear_den

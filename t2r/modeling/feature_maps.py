@@ -105,6 +105,16 @@ class NoFeatureMap(FeatureMap):
         return x[..., :0]
 
 
+def map_query_heads(feature_map: FeatureMap, queries: torch.Tensor) -> torch.Tensor:
+    """phi of queries [B, H, T, D] -> [B, H, T, F] by a map with H heads, or with L < H heads (one
+    per key/value head): then query head h goes through map head h // (H / L), as GQA reads keys."""
+    batch, heads, length, head_dim = queries.shape
+    if heads == feature_map.heads:
+        return feature_map(queries)
+    grouped = queries.reshape(batch, feature_map.heads, (heads // feature_map.heads) * length, head_dim)
+    return feature_map(grouped).reshape(batch, heads, length, feature_map.out_dim)
+
+
 def default_feature_dim(name: str, head_dim: int) -> int:
     return {"elu": head_dim, "rfa": 64, "t2r": 32, "hedgehog": head_dim, "none": 0}[name]
 

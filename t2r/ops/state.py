@@ -45,7 +45,8 @@ class HybridAttentionState:
     """State of one hybrid layer: exact softmax over the first S and the last W tokens, linear
     attention for the rest.
 
-    linear:      LinearAttentionState over every token older than the window (query heads)
+    linear:      LinearAttentionState over every token older than the window, at L heads: one per
+                 query head, or one per key/value head (read by all query heads of its group)
     keys:        [B, G, W, D] the last W keys as the softmax sees them (positions applied), G = kv heads
     values:      [B, G, W, D]
     linear_keys: [B, G, W, D] the same keys as the key feature map sees them; phi of the oldest one

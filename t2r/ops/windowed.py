@@ -31,8 +31,10 @@ the linear state of everything older: its size never grows. All forms here and i
 
 q [B, H, T, D] and k, v [B, G, T, D] are what the softmax sees (positions applied; G kv heads, H a
 multiple of G); phi_q [B, H, T, F] and linear_keys [B, G, T, D] are what the linear part sees;
-feature_map_k maps keys [B, H, S, D] -> [B, H, S, F]; valid [B, T] bool; window_share [H] in (0, 1);
-decay [H] in (0, 1] or None. The number of sinks is the state's (`initial_state.sinks`).
+valid [B, T] bool; window_share [H] in (0, 1). The linear state has L heads, L = H (a state per
+query head) or L = G (one per key/value head, read by every query head of its group: 1 / (H / G)
+of the bytes); L is the initial state's. feature_map_k maps keys [B, L, S, D] -> [B, L, S, F];
+decay [L] in (0, 1] or None. The number of sinks is the state's (`initial_state.sinks`).
 sink_queries (q's shape, or None = q) score the sinks: past the teacher's context the model passes
 the queries rotated at its last position, so that a sink is never further from a query than the
 teacher has seen (the window's offsets stay below W anyway).
@@ -60,8 +62,15 @@ def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 def key_features(
     linear_keys: torch.Tensor, valid: torch.Tensor, feature_map_k: FeatureMapFn, heads: int
 ) -> torch.Tensor:
-    """phi of keys [B, G, S, D] at query heads, fp32, zero where invalid: [B, H, S, F]."""
+    """phi of keys [B, G, S, D] at the linear state's L heads, fp32, zero where invalid: [B, L, S, F]."""
     return feature_map_k(repeat_heads(linear_keys, heads)).float() * valid[:, None, :, None]
+
+
+def per_query_head(decay: torch.Tensor | None, heads: int) -> torch.Tensor | None:
+    """decay [L] -> [H]: what each query head reads the linear state of its group with."""
+    if decay is None or decay.shape[0] == heads:
+        return decay
+    return decay.repeat_interleave(heads // decay.shape[0])
 
 
 def combine(
@@ -200,7 +209,9 @@ def windowed_attention(
     all_linear_keys = torch.cat([state.linear_keys, linear_keys.to(state.linear_keys.dtype)], dim=2)
     all_valid = torch.cat([state.valid, sinks.window_valid], dim=1)  # [B, S]
     values_h = repeat_heads(values, heads).float()  # [B, H, S, D]
-    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, heads)  # [B, H, S, F]
+    linear_heads = state.linear.kv.shape[1]  # L: H, or G for a state per key/value head
+    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, linear_heads)  # [B, L, S, F]
+    read_decay = per_query_head(decay, heads)
 
     query_slot = torch.arange(length, device=q.device)[:, None] + window  # [T, 1]
     key_slot = torch.arange(window + length, device=q.device)[None, :]  # [1, S]
@@ -213,13 +224,13 @@ def windowed_attention(
     sink_scores = torch.einsum("bhtd,bhsd->bhts", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
     sink_ok = sinks.visible(torch.arange(length, device=q.device))[:, None]  # [B, 1, T, S]
     soft, soft_sink = softmax_with_sinks(scores, causal & in_window & key_ok, sink_scores, sink_ok)
-    lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), phi_k) * (causal & ~in_window)
-    from_state = torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), state.linear.kv)
-    from_state_den = torch.einsum("bhtf,bhf->bht", phi_q.float(), state.linear.k_sum)
-    if decay is not None:
+    lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), repeat_heads(phi_k, heads)) * (causal & ~in_window)
+    from_state = torch.einsum("bhtf,bhfd->bhtd", phi_q.float(), repeat_heads(state.linear.kv, heads))
+    from_state_den = torch.einsum("bhtf,bhf->bht", phi_q.float(), repeat_heads(state.linear.k_sum, heads))
+    if read_decay is not None:
         # Key slot s counts decay^(i - W - s) for the query at slot i; the state, decay^(t + 1).
-        lin = lin * decay_powers(decay, query_slot - window - key_slot)  # [H, T, S] broadcast
-        state_weight = decay_powers(decay, torch.arange(1, length + 1, device=q.device))  # [H, T]
+        lin = lin * decay_powers(read_decay, query_slot - window - key_slot)  # [H, T, S] broadcast
+        state_weight = decay_powers(read_decay, torch.arange(1, length + 1, device=q.device))  # [H, T]
         from_state, from_state_den = from_state * state_weight[..., None], from_state_den * state_weight
     out = combine(
         soft @ values_h + soft_sink @ repeat_heads(sinks.values, heads).float(),
@@ -232,7 +243,9 @@ def windowed_attention(
     # The last W slots stay in the window; the T slots before them leave it for the linear state.
     leaving = slice(0, length)
     final_state = HybridAttentionState(
-        linear=decayed_final_linear(state.linear, phi_k[:, :, leaving], values_h[:, :, leaving], decay),
+        linear=decayed_final_linear(
+            state.linear, phi_k[:, :, leaving], repeat_heads(values, linear_heads)[:, :, leaving].float(), decay
+        ),
         keys=keys[:, :, length:],
         values=values[:, :, length:],
         linear_keys=all_linear_keys[:, :, length:],
@@ -266,10 +279,10 @@ def windowed_attention_step(
     key goes through the feature map; the state decays once first), then the query reads both.
     Returns out [B, H, D] and the next state.
     """
-    heads = q.shape[1]
+    heads, linear_heads = q.shape[1], state.linear.kv.shape[1]
     sinks = take_sinks(state, k[:, :, None], v[:, :, None], valid.bool()[:, None])
-    leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, heads)[:, :, 0]
-    leaving_value = repeat_heads(state.values[:, :, :1], heads)[:, :, 0].float()  # [B, H, D]
+    leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, linear_heads)[:, :, 0]
+    leaving_value = repeat_heads(state.values[:, :, :1], linear_heads)[:, :, 0].float()  # [B, L, D]
     linear = decayed_final_linear(state.linear, leaving[:, :, None], leaving_value[:, :, None], decay)
     keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
     values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
@@ -298,8 +311,8 @@ def windowed_attention_step(
             :, :, None
         ],
         (soft.sum(-1) + soft_sink.sum(-1))[:, :, None],
-        torch.einsum("bhf,bhfd->bhd", qf, linear.kv)[:, :, None],
-        torch.einsum("bhf,bhf->bh", qf, linear.k_sum)[:, :, None],
+        torch.einsum("bhf,bhfd->bhd", qf, repeat_heads(linear.kv, heads))[:, :, None],
+        torch.einsum("bhf,bhf->bh", qf, repeat_heads(linear.k_sum, heads))[:, :, None],
         window_share,
         eps,
     )[:, :, 0]

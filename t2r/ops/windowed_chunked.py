@@ -25,6 +25,7 @@ from t2r.ops.windowed import (
     decay_powers,
     decayed_final_linear,
     key_features,
+    per_query_head,
     repeat_heads,
     softmax_with_sinks,
     take_sinks,
@@ -71,12 +72,15 @@ def chunked_windowed_attention(
     all_linear_keys = slots(state.linear_keys, linear_keys)
     all_valid = F.pad(torch.cat([state.valid, sinks.window_valid], dim=1), (0, pad))  # [B, W + NC]
     values_h = repeat_heads(values, heads).float()  # [B, H, W + NC, D]
-    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, heads)  # [B, H, W + NC, F]
+    linear_heads = state.linear.kv.shape[1]  # L: H, or G for a state per key/value head
+    values_l = repeat_heads(values, linear_heads).float()  # [B, L, W + NC, D]
+    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, linear_heads)  # [B, L, W + NC, F]
     feature_dim = phi_k.shape[-1]
 
-    # Linear state before each chunk's local block: initial + slots [0, nC) (exclusive prefix sum).
-    leading_phi = phi_k[:, :, : chunks * size].reshape(batch, heads, chunks, size, feature_dim)
-    leading_v = values_h[:, :, : chunks * size].reshape(batch, heads, chunks, size, head_dim)
+    # Linear state before each chunk's local block: initial + slots [0, nC) (exclusive prefix sum),
+    # built at the state's L heads and read by the query heads.
+    leading_phi = phi_k[:, :, : chunks * size].reshape(batch, linear_heads, chunks, size, feature_dim)
+    leading_v = values_l[:, :, : chunks * size].reshape(batch, linear_heads, chunks, size, head_dim)
     if decay is None:
         chunk_kv = torch.einsum("bhncf,bhncd->bhnfd", leading_phi, leading_v)
         chunk_k_sum = leading_phi.sum(3)
@@ -100,10 +104,13 @@ def chunked_windowed_attention(
             "hnm,bhmf->bhnf", across, chunk_k_sum
         )
 
+    kv_before, k_sum_before = repeat_heads(kv_before, heads), repeat_heads(k_sum_before, heads)
+    read_decay = per_query_head(decay, heads)
+
     # Local blocks of C + W slots starting at nC: [B, H, N, C + W, X].
     local_keys = _blocks(repeat_heads(keys, heads).float(), size + window, size)
     local_values = _blocks(values_h, size + window, size)
-    local_phi = _blocks(phi_k, size + window, size)
+    local_phi = _blocks(repeat_heads(phi_k, heads), size + window, size)
     local_valid = all_valid.unfold(1, size + window, size)  # [B, N, C + W]
 
     def per_chunk(x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +131,9 @@ def chunked_windowed_attention(
     lin = torch.einsum("bhncf,bhnsf->bhncs", phi_qc, local_phi) * older
     from_prefix = torch.einsum("bhncf,bhnfd->bhncd", phi_qc, kv_before)
     from_prefix_den = torch.einsum("bhncf,bhnf->bhnc", phi_qc, k_sum_before)
-    if decay is not None:
-        lin = lin * decay_powers(decay, c - slot)[None, :, None]  # [1, H, 1, C, C + W]
-        prefix_weight = decay_powers(decay, torch.arange(1, size + 1, device=q.device))[None, :, None]  # [1, H, 1, C]
+    if read_decay is not None:
+        lin = lin * decay_powers(read_decay, c - slot)[None, :, None]  # [1, H, 1, C, C + W]
+        prefix_weight = decay_powers(read_decay, torch.arange(1, size + 1, device=q.device))[None, :, None]  # [1, H, 1, C]
         from_prefix, from_prefix_den = from_prefix * prefix_weight[..., None], from_prefix_den * prefix_weight
     out = combine(
         soft @ local_values + soft_sink @ repeat_heads(sinks.values, heads).float()[:, :, None],
@@ -142,7 +149,7 @@ def chunked_windowed_attention(
     leaving = slice(0, length)
     kept = slice(length, length + window)
     final_state = HybridAttentionState(
-        linear=decayed_final_linear(state.linear, phi_k[:, :, leaving], values_h[:, :, leaving], decay),
+        linear=decayed_final_linear(state.linear, phi_k[:, :, leaving], values_l[:, :, leaving], decay),
         keys=keys[:, :, kept],
         values=values[:, :, kept],
         linear_keys=all_linear_keys[:, :, kept],
