@@ -27,9 +27,9 @@ from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionSta
 class RingWindow:
     """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
 
-    kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values [B, G, S + W, D] and valid [B, S + W]: the
-    S sink slots first, then the W window slots, so that one product scores both without a copy;
-    linear_keys [B, G, W, D] (the window slots only).
+    kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
+    [B, G, S + W, D] and valid [B, S + W]: the S sink slots first, then the W window slots, so
+    that one product scores both without a copy; linear_keys [B, G, W, D] (the window slots only).
     The window slots are a ring: `FastState.next_slot` is the oldest, the next to be overwritten.
     """
 

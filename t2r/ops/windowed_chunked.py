@@ -133,7 +133,8 @@ def chunked_windowed_attention(
     from_prefix_den = torch.einsum("bhncf,bhnf->bhnc", phi_qc, k_sum_before)
     if read_decay is not None:
         lin = lin * decay_powers(read_decay, c - slot)[None, :, None]  # [1, H, 1, C, C + W]
-        prefix_weight = decay_powers(read_decay, torch.arange(1, size + 1, device=q.device))[None, :, None]  # [1, H, 1, C]
+        # prefix_weight [1, H, 1, C]: query c of a chunk reads the prefix state with decay^(c + 1)
+        prefix_weight = decay_powers(read_decay, torch.arange(1, size + 1, device=q.device))[None, :, None]
         from_prefix, from_prefix_den = from_prefix * prefix_weight[..., None], from_prefix_den * prefix_weight
     out = combine(
         soft @ local_values + soft_sink @ repeat_heads(sinks.values, heads).float()[:, :, None],
