@@ -2,8 +2,10 @@
 
     python scripts/equal_memory.py --model runs/recipe-hybrid-long/train/model
 
-Four evals, each a `t2r eval` command whose JSON is kept in benchmarks/equal_memory/ (a finished
-eval is not rerun: delete its JSON to redo it), then one table in BENCHMARKS.md:
+Four evals, each a `t2r eval` command whose JSON is kept in benchmarks/equal_memory/NAME/ (NAME: the
+run's folder under runs/, or --name; a finished eval is not rerun: delete its JSON to redo it; the
+teacher's WikiText-2 score, the same for every model, in benchmarks/equal_memory/), then one table
+per model in BENCHMARKS.md:
 - wikitext: the first 40,000 tokens of wikitext2/test.txt in windows of 512 (KL, top-1 agreement);
 - long: one 32,768-token stream of two novels no recipe trains on (Dracula, then Moby Dick),
   per position bucket; the teacher runs on its first 8,192 tokens;
@@ -41,14 +43,16 @@ def t2r(*args: str) -> str:
     return subprocess.run([sys.executable, "-m", "t2r", *args], check=True, stdout=subprocess.PIPE, text=True).stdout
 
 
-def evals(model: str, trials: int, lengths: str = PASSKEY_LENGTHS, limit: int | None = None) -> dict[str, list[str]]:
-    """Each eval's `t2r` arguments."""
+def evals(
+    model: str, out: Path, trials: int, lengths: str = PASSKEY_LENGTHS, limit: int | None = None
+) -> dict[str, list[str]]:
+    """Each eval's `t2r` arguments (plots written into `out`)."""
     wikitext = ["--data", str(SHARED / "wikitext2" / "test.txt"), "--max-tokens", "40000", "--seq-len", "512"]
     novels = [arg for name in HELD_OUT for arg in ("--data", str(SHARED / "books" / name))]
     long = [*novels, "--long", "--max-tokens", "32768", "--segment", "1024", "--teacher"]
-    passkey = ["--passkey", "--lengths", lengths, "--trials", str(trials), "--plot", str(OUT / "passkey.png")]
+    passkey = ["--passkey", "--lengths", lengths, "--trials", str(trials), "--plot", str(out / "passkey.png")]
     # One key per depth past 8k: a 32k prompt takes minutes to prefill on this CPU.
-    beyond = ["--passkey", "--lengths", PASSKEY_BEYOND, "--trials", "1", "--plot", str(OUT / "passkey_beyond.png")]
+    beyond = ["--passkey", "--lengths", PASSKEY_BEYOND, "--trials", "1", "--plot", str(out / "passkey_beyond.png")]
     return {
         "teacher_wikitext": ["eval", TEACHER, *wikitext, "--json"],
         "wikitext": ["eval", model, *wikitext, "--teacher", "--baseline", "--json"],
@@ -112,7 +116,7 @@ def summary(results: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
-def table(rows: dict[str, dict], command: str) -> str:
+def table(rows: dict[str, dict], command: str, out: Path) -> str:
     def f(value: float | None, digits: int = 3) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
@@ -151,29 +155,38 @@ def table(rows: dict[str, dict], command: str) -> str:
             if teacher["chat_instructions"]
             else "Chat: not run for this model (`--only chat` runs it)."
         ),
-        f"Command: `{command}`; each eval's JSON in benchmarks/equal_memory/.",
-        "![pass-key heat maps](benchmarks/equal_memory/passkey.png)",
+        f"Command: `{command}`; each eval's JSON in {out.relative_to(ROOT)}/.",
+        f"![pass-key heat maps]({out.relative_to(ROOT)}/passkey.png)",
         *(
-            ["![pass-key heat maps past the teacher's context](benchmarks/equal_memory/passkey_beyond.png)"]
-            if (OUT / "passkey_beyond.png").exists()
+            [f"![pass-key heat maps past the teacher's context]({out.relative_to(ROOT)}/passkey_beyond.png)"]
+            if (out / "passkey_beyond.png").exists()
             else []
         ),
     ]
     return "\n".join(lines)
 
 
+def run_folder_name(model: Path) -> str:
+    """runs/NAME/train/model -> NAME; any other folder: its own name."""
+    parts = model.resolve().parts
+    return parts[-3] if parts[-2:] == ("train", "model") else parts[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a converted model folder")
+    parser.add_argument("--name", default=None, help="results folder and table name (default: the run's folder)")
     parser.add_argument("--trials", type=int, default=2, help="pass-key keys per length and depth")
     parser.add_argument("--only", nargs="*", default=None, help="run only these evals (names as in the JSON files)")
     parser.add_argument("--passkey-lengths", default=PASSKEY_LENGTHS, help="pass-key prompt lengths up to 8k")
     parser.add_argument("--chat-limit", type=int, default=None, help="the first N chat instructions (default: all)")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
+    run_name = args.name or run_folder_name(Path(args.model))
+    out = OUT / run_name
+    out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, command in evals(args.model, args.trials, args.passkey_lengths, args.chat_limit).items():
-        path = OUT / f"{name}.json"
+    for name, command in evals(args.model, out, args.trials, args.passkey_lengths, args.chat_limit).items():
+        path = (OUT if name == "teacher_wikitext" else out) / f"{name}.json"
         if not path.exists() and (args.only is None or name in args.only):
             record = json.loads(t2r(*command))
             record["command"] = "t2r " + " ".join(command)
@@ -184,17 +197,23 @@ def main() -> None:
         print(f"done: {', '.join(results)}; the table needs every eval", file=sys.stderr)
         return
     rows = summary(results)
-    (OUT / "summary.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
     command = f"python scripts/equal_memory.py --model {args.model} --trials {args.trials}"
+    command += f" --name {args.name}" if args.name else ""
     command += f" --passkey-lengths {args.passkey_lengths}" if args.passkey_lengths != PASSKEY_LENGTHS else ""
     command += f" --chat-limit {args.chat_limit}" if args.chat_limit else ""
     replace_section(
-        ROOT / "BENCHMARKS.md", "equal-memory", table(rows, command), "Against the sliding window of equal memory"
+        ROOT / "BENCHMARKS.md",
+        f"equal-memory-{run_name}",
+        table(rows, command, out),
+        f"Against the sliding window of equal memory: {run_name}",
     )
     if "chat" in results:
         chat = ChatResult.from_dict(results["chat"])
         samples = scores_markdown(chat) + "\n\n" + side_by_side_markdown(chat, count=6)
-        replace_section(ROOT / "BENCHMARKS.md", "chat-samples", samples, "Chat fidelity: side by side")
+        replace_section(
+            ROOT / "BENCHMARKS.md", f"chat-samples-{run_name}", samples, f"Chat fidelity, side by side: {run_name}"
+        )
     print(json.dumps({name: {k: v for k, v in row.items() if not isinstance(v, dict)} for name, row in rows.items()}))
 
 

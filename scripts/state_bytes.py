@@ -7,7 +7,7 @@ Each window W is `t2r convert --feature-map none --window W` (4 sinks, no traini
 `t2r eval` on the first 40,000 tokens of wikitext2/test.txt in windows of 512 (with the teacher:
 KL, agreement) and along one 32,768-token stream of Dracula then Moby Dick (`--long`, 2k-8k ratio
 to the teacher). The converted model and its equal-memory baseline come from
-scripts/equal_memory.py's summary (the same evals), when it exists. Every eval's JSON is kept in
+scripts/equal_memory.py's summaries (the same evals), when they exist. Every eval's JSON is kept in
 benchmarks/state_bytes/ (a finished one is not rerun); writes a table and a plot
 (benchmarks/state_bytes/state_bytes.png) into BENCHMARKS.md.
 """
@@ -112,10 +112,9 @@ def main() -> None:
             t2r("convert", "--model", TEACHER, "--feature-map", "none", "--window", str(window), "--out", str(folder),
                 "--overwrite")  # fmt: skip
         rows.append(row(f"window {window} + 4 sinks", "baseline", folder, teacher_ppl))
-    equal = ROOT / "benchmarks" / "equal_memory"
-    if (equal / "summary.json").exists():
-        summary = json.loads((equal / "summary.json").read_text())
-        config = json.loads((equal / "wikitext.json").read_text())
+    for equal in sorted((ROOT / "benchmarks" / "equal_memory").glob("*/summary.json")):
+        summary = json.loads(equal.read_text())
+        config = json.loads((equal.parent / "wikitext.json").read_text())
         for name, kind in (("model", "converted"), ("baseline", "baseline")):
             figures = summary[name]
             label = f"window {figures['window']} + 4 sinks" if kind == "baseline" else f"converted: {config['model']}"

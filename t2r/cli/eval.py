@@ -159,18 +159,19 @@ class Scoring:
 
 
 def report_windows(args: argparse.Namespace, scoring: Scoring, stride: int) -> None:
-    from t2r.evaluation.perplexity import evaluate
+    from t2r.evaluation.perplexity import evaluate_many
 
     model, ids, teacher, baseline = scoring.model, scoring.ids, scoring.teacher, scoring.baseline
     teacher_spec, data_name = scoring.teacher_spec, scoring.data_name
     batch_size = args.batch_size or (16 if args.mode == "recurrent" else 4)
-    result = evaluate(model, ids, args.seq_len, stride, args.mode, teacher, batch_size)
+    models = [model] if baseline is None else [model, baseline]  # one teacher pass for both
+    result, *others = evaluate_many(models, ids, args.seq_len, stride, args.mode, teacher, batch_size)
     record = {"model": args.model, "weights": args.weights, "data": data_name, **result.to_dict()}
     if teacher is not None:
         record["teacher"] = teacher_spec
     rows = [("model", result)]
     if baseline is not None:
-        baseline_result = evaluate(baseline, ids, args.seq_len, stride, args.mode, teacher, batch_size)
+        baseline_result = others[0]
         record["baseline"] = {**baseline_settings(baseline), **baseline_result.to_dict()}
         rows.append((f"baseline (sinks {baseline.config.sinks} + window {baseline.config.window})", baseline_result))
     if args.json:
@@ -188,10 +189,11 @@ def report_windows(args: argparse.Namespace, scoring: Scoring, stride: int) -> N
 
 
 def report_long(args: argparse.Namespace, scoring: Scoring) -> None:
-    from t2r.evaluation.long_context import score_long
+    from t2r.evaluation.long_context import read_teacher, score_long
 
     model, ids, teacher, baseline = scoring.model, scoring.ids, scoring.teacher, scoring.baseline
     teacher_spec, data_name = scoring.teacher_spec, scoring.data_name
+    teacher = None if teacher is None else read_teacher(teacher, ids)  # one pass, for the baseline too
     result = score_long(model, ids, args.segment, (0, *args.buckets), teacher)
     record = {"model": args.model, "data": data_name, "teacher": teacher_spec, **result.to_dict()}
     if baseline is not None:

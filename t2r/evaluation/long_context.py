@@ -84,10 +84,26 @@ def teacher_context(teacher: nn.Module) -> int | None:
     return adapter_for(teacher.config.model_type).context_length(teacher.config)
 
 
+@dataclass(frozen=True)
+class TeacherStream:
+    """The teacher's one pass over a stream, kept to score several models against it.
+
+    hidden [covered - 1, E]: final hidden states predicting the targets at positions 1 .. covered - 1
+    (logits come per piece through `head`); context: the teacher's context length, or None.
+    """
+
+    hidden: torch.Tensor
+    head: nn.Module
+    context: int | None
+
+
 @torch.no_grad()
-def teacher_hidden(teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [1, T, E] of the teacher over ids [T] in one pass (logits come per piece)."""
-    return teacher.base_model(input_ids=ids[None]).last_hidden_state
+def read_teacher(teacher: nn.Module, ids: torch.Tensor) -> TeacherStream:
+    """The teacher over as much of ids [N] as its context allows, in one pass."""
+    context = teacher_context(teacher)
+    covered = len(ids) if context is None else min(len(ids), context)
+    hidden = teacher.base_model(input_ids=ids[None, :covered]).last_hidden_state[0, : covered - 1]
+    return TeacherStream(hidden, teacher.get_output_embeddings(), context)
 
 
 def file_scores(
@@ -125,20 +141,23 @@ def score_long(
     ids: torch.Tensor,
     segment: int = 1024,
     edges: tuple[int, ...] = DEFAULT_EDGES,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TeacherStream | None = None,
     progress: bool = True,
 ) -> LongResult:
-    """Score token ids [N] as one stream; per-bucket perplexity (and vs the teacher where it runs)."""
+    """Score token ids [N] as one stream; per-bucket perplexity (and vs the teacher where it runs).
+
+    teacher: the softmax model, or its `read_teacher` pass over these ids (read once for several models).
+    """
     started = time.perf_counter()
     length = len(ids)
     buckets = make_buckets(length, edges)
-    context = teacher_context(teacher) if teacher is not None else None
+    stream = teacher if isinstance(teacher, TeacherStream) or teacher is None else read_teacher(teacher, ids)
+    context = None if stream is None else stream.context
     hidden = None
-    if teacher is not None:
-        covered = length if context is None else min(length, context)
+    if stream is not None:
         # Predictions for the targets at positions 1 .. covered - 1: inside the teacher's context.
-        hidden = teacher_hidden(teacher, ids[:covered])[0, : covered - 1]  # [covered - 1, E]
-        head = teacher.get_output_embeddings()
+        hidden, head = stream.hidden, stream.head
+        covered = len(hidden) + 1
         in_reach = [bucket for bucket in buckets if bucket.end <= covered]
         for begin in range(0, len(hidden), segment):
             end = min(begin + segment, len(hidden))
@@ -155,7 +174,7 @@ def score_long(
         reach = 0 if hidden is None else min(max(len(hidden) - begin, 0), end - begin)
         targets = ids[begin + 1 : end + 1]
         if reach:
-            teacher_logits = teacher.get_output_embeddings()(hidden[begin : begin + reach])
+            teacher_logits = head(hidden[begin : begin + reach])
             file_scores(buckets, begin, logits[0, :reach], targets[:reach], teacher_logits)
         file_scores(buckets, begin + reach, logits[0, reach:], targets[reach:], None)
         bar.update(end - begin)

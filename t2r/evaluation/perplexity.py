@@ -129,38 +129,68 @@ def evaluate(
     mode: 'parallel' | 'chunked' | 'recurrent' for a converted model (recurrent decodes token by
     token, all windows of a batch at once); an unconverted model always runs its own attention.
     """
-    start = time.perf_counter()
+    return evaluate_many([model], ids, seq_len, stride, mode, teacher, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def evaluate_many(
+    models: list[nn.Module],
+    ids: torch.Tensor,
+    seq_len: int,
+    stride: int,
+    mode: str = "chunked",
+    teacher: nn.Module | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """`evaluate` for several models on the same windows: the teacher's logits of a batch are
+    computed once and compared with every model's (a model and its baseline cost one teacher pass)."""
     windows = make_windows(len(ids), seq_len, stride)
-    converted = isinstance(model, T2RForCausalLM)
-    totals = Totals()
+    totals = [Totals() for _ in models]
+    seconds = [0.0 for _ in models]
+    converted = [isinstance(model, T2RForCausalLM) for model in models]
+    teacher_seconds = 0.0
+    description = mode if any(converted) else "softmax"
     bar = tqdm(
-        total=sum(w.end - w.begin for w in windows),
-        desc=f"eval ({mode if converted else 'softmax'})",
+        total=len(models) * sum(w.end - w.begin for w in windows),
+        desc=f"eval ({description})",
         unit="tok",
         unit_scale=True,
         disable=not progress,
     )
     for input_ids, mask, targets, target_mask in batches(ids, windows, batch_size):
+        start = time.perf_counter()
         teacher_logits = logits_of(teacher, input_ids, mask, mode) if teacher is not None else None
-        if converted and mode == "recurrent":
-            totals.add(_score_recurrent(model, input_ids, mask, targets, target_mask, teacher_logits, bar))
-        else:
-            totals.add(score(logits_of(model, input_ids, mask, mode), targets, target_mask, teacher_logits))
-            bar.update(int(mask.sum()))
+        teacher_seconds += time.perf_counter() - start
+        for index, model in enumerate(models):
+            start = time.perf_counter()
+            if converted[index] and mode == "recurrent":
+                totals[index].add(_score_recurrent(model, input_ids, mask, targets, target_mask, teacher_logits, bar))
+            else:
+                logits = logits_of(model, input_ids, mask, mode)
+                totals[index].add(score(logits, targets, target_mask, teacher_logits))
+                bar.update(int(mask.sum()))
+            seconds[index] += time.perf_counter() - start
     bar.close()
-    nll = totals.nll / totals.tokens
-    return EvalResult(
-        perplexity=math.exp(nll),
-        nll=nll,
-        tokens=totals.tokens,
-        windows=len(windows),
-        seq_len=seq_len,
-        stride=stride,
-        mode=mode if converted else "softmax",
-        seconds=time.perf_counter() - start,
-        kl=totals.kl / totals.tokens if teacher is not None else None,
-        top1_agreement=totals.agree / totals.tokens if teacher is not None else None,
-    )
+    results = []
+    for index, total in enumerate(totals):
+        nll = total.nll / total.tokens
+        results.append(
+            EvalResult(
+                perplexity=math.exp(nll),
+                nll=nll,
+                tokens=total.tokens,
+                windows=len(windows),
+                seq_len=seq_len,
+                stride=stride,
+                mode=mode if converted[index] else "softmax",
+                # the teacher's forward passes counted once, in each model's time
+                seconds=seconds[index] + teacher_seconds,
+                kl=total.kl / total.tokens if teacher is not None else None,
+                top1_agreement=total.agree / total.tokens if teacher is not None else None,
+            )
+        )
+    return results
 
 
 def _score_recurrent(
