@@ -47,6 +47,8 @@ COMMON_FLAGS = [
     "--checkpoint-every",
     "50",
 ]
+# The hybrid's attention: a 64-token softmax window, 4 sinks, a linear part with a half-life of 512.
+HYBRID_ATTENTION = ["--window", "64", "--half-life", "512", "--sinks", "4"]
 RECIPES = {
     # Issue 3's recipe: pure linear attention, 350 transfer + 70 distillation steps.
     "linear": {
@@ -65,12 +67,7 @@ RECIPES = {
     # this recipe.
     "hybrid": {
         "flags": [
-            "--window",
-            "64",
-            "--half-life",
-            "512",
-            "--sinks",
-            "4",
+            *HYBRID_ATTENTION,
             "--transfer-steps",
             "160",
             "--finetune-steps",
@@ -93,12 +90,7 @@ RECIPES = {
     # that the whole `t2r train` stays within the hour.
     "hybrid-kv": {
         "flags": [
-            "--window",
-            "64",
-            "--half-life",
-            "512",
-            "--sinks",
-            "4",
+            *HYBRID_ATTENTION,
             "--linear-heads",
             "kv",
             "--feature-dim",
