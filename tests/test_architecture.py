@@ -118,11 +118,14 @@ def test_an_upward_import_is_caught(module: str, line: str) -> None:
     assert upward_imports(path.read_text() + "\n" + line + "\n", module)
 
 
-def test_the_root_package_imports_nothing_of_t2r_at_load() -> None:
-    """`import t2r` stays light: its public names load on first use."""
+def test_the_root_package_loads_only_the_transformers_registration() -> None:
+    """`import t2r` registers the model type with transformers' Auto classes; every other public
+    name loads on first use."""
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     eager = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    assert all(not (getattr(node, "module", None) or "").startswith("t2r") for node in eager)
+    names = [alias.name for node in eager if isinstance(node, ast.Import) for alias in node.names]
+    names += [node.module or "" for node in eager if isinstance(node, ast.ImportFrom)]
+    assert [name for name in names if name.startswith("t2r")] == ["t2r.modeling.transformers_model"]
 
 
 def test_the_public_names_resolve() -> None:

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 # Flags in the README that belong to other tools (pip, accelerate launch).
 OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--no-binary"}
+LM_EVAL = {"--model", "--model_args", "--tasks", "--include_path", "--batch_size", "--num_fewshot"}
 
 
 def section(title: str) -> str:
@@ -66,7 +67,7 @@ def test_every_flag_of_the_command_summary_is_the_parsers() -> None:
 
 
 def test_every_flag_the_readme_mentions_exists() -> None:
-    known = set().union(*command_flags().values()) | OTHER_TOOLS | {"--version", "--help", "--recipe"}
+    known = set().union(*command_flags().values()) | OTHER_TOOLS | LM_EVAL | {"--version", "--help", "--recipe"}
     mentioned = set(re.findall(r"--[a-z][\w-]*", README))
     assert mentioned <= known, mentioned - known
 
@@ -99,7 +100,7 @@ def test_the_package_map_is_the_package() -> None:
 
 def test_the_python_example_runs(teacher_folder: Path, tmp_path: Path) -> None:
     """The README's Python example, on the tiny teacher instead of the default model."""
-    example = code_blocks(README, "python")[0]
+    example = next(block for block in code_blocks(README, "python") if "load_teacher" in block)
     example = example.replace('"smollm2-135m"', repr(str(teacher_folder)))
     example = example.replace('"runs/python-api"', repr(str(tmp_path / "python-api")))
     scope: dict = {}
@@ -107,3 +108,15 @@ def test_the_python_example_runs(teacher_folder: Path, tmp_path: Path) -> None:
     logits, state = scope["logits"], scope["state"]
     assert logits.shape[:2] == scope["tokenizer"]("The history of", return_tensors="pt").input_ids.shape
     assert state.nbytes() == scope["model"].init_state(1).nbytes()  # constant size
+
+
+def test_the_transformers_example_runs(tmp_path: Path) -> None:
+    """The README's transformers example, on a tiny converted folder instead of the trained model."""
+    from .test_transformers_model import saved_model
+
+    folder = saved_model(tmp_path / "model")
+    example = next(block for block in code_blocks(README, "python") if "AutoModelForCausalLM" in block)
+    example = example.replace('"runs/smollm2/model"', repr(str(folder)))
+    scope: dict = {}
+    exec(compile(example, "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, scope["inputs"].input_ids.shape[1] + 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,8 @@ class Scoring:
 
 def report_windows(args: argparse.Namespace, scoring: Scoring, stride: int) -> None:
     from t2r.evaluation.perplexity import evaluate_many
+    from t2r.hub import record_evaluation
+    from t2r.modeling.model import T2RForCausalLM
 
     model, ids, teacher, baseline = scoring.model, scoring.ids, scoring.teacher, scoring.baseline
     teacher_spec, data_name = scoring.teacher_spec, scoring.data_name
@@ -174,6 +177,10 @@ def report_windows(args: argparse.Namespace, scoring: Scoring, stride: int) -> N
         baseline_result = others[0]
         record["baseline"] = {**baseline_settings(baseline), **baseline_result.to_dict()}
         rows.append((f"baseline (sinks {baseline.config.sinks} + window {baseline.config.window})", baseline_result))
+    if isinstance(model, T2RForCausalLM) and record_evaluation(
+        args.model, {k: v for k, v in record.items() if k != "baseline"}
+    ):
+        logging.getLogger(__name__).info("score kept in %s (eval_results.json, README.md)", args.model)
     if args.json:
         print(json.dumps(record))
         return

@@ -123,10 +123,10 @@ def prepare_student(args: argparse.Namespace, loaded: Any) -> tuple[Any, str]:
     """The model to train (converted here unless it already is) and the teacher's spec."""
     import torch
 
-    from t2r.hub import empty_model
     from t2r.modeling.config import T2RConfig
     from t2r.modeling.convert import convert
     from t2r.modeling.model import T2RForCausalLM
+    from t2r.modeling.saved import empty_model
 
     if isinstance(loaded, T2RForCausalLM):
         flags = (

@@ -347,7 +347,8 @@ class Trainer:
             if has_lora(self.student):
                 merge_lora(self.student)
             self.student.requires_grad_(False)
-            save_converted(self.student, tokenizer, self.out / "model", overwrite=True)
+            training = {"settings": self.run_settings, **summary}  # for the model card
+            save_converted(self.student, tokenizer, self.out / "model", overwrite=True, training=training)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return summary
