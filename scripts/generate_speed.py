@@ -1,6 +1,6 @@
 """transformers' `generate()` against `t2r generate`'s own loop, on the same converted model.
 
-    python scripts/generate_speed.py --model runs/recipe-hybrid-kv/train/model
+    python scripts/generate_speed.py [--model t2r-smollm2-135m]
 
 Batch 1, greedy, the same prompt (the first --prompt-tokens tokens of Pride and Prejudice, from
 ../shared/data) and the same weights for both. The
@@ -65,7 +65,7 @@ def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a converted model folder")
+    parser.add_argument("--model", default="t2r-smollm2-135m", help="a converted model folder or a ready model")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
@@ -76,8 +76,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    from t2r.hub import READY, ready_model_folder
+
+    folder = ready_model_folder(args.model) if args.model in READY else args.model
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = prompt_ids(tokenizer, args.prompt_tokens)
     greedy = Sampling(greedy=True)
     rounds = []

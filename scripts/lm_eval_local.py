@@ -1,6 +1,6 @@
 """lm-evaluation-harness, offline, on the teacher and a converted model: one table.
 
-    python scripts/lm_eval_local.py --model runs/recipe-hybrid-kv/train/model
+    python scripts/lm_eval_local.py [--model t2r-smollm2-135m]
 
 No benchmark dataset of the suite (`t2r.evaluation.harness.SUITE`) is reachable here, so the two
 local tasks of `t2r.evaluation.harness` run instead, through the same lm-eval path (`--model hf`):
@@ -29,7 +29,7 @@ from t2r.evaluation.harness import (
     write_local_tasks,
 )
 from t2r.evaluation.markdown import replace_section
-from t2r.hub import teacher_location
+from t2r.hub import READY, ready_model_folder, teacher_location
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -38,7 +38,7 @@ OUT = ROOT / "benchmarks"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a converted model folder")
+    parser.add_argument("--model", default="t2r-smollm2-135m", help="a converted model folder or a ready model")
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--cloze", type=int, default=200)
     parser.add_argument("--words", type=int, default=20_000)
@@ -49,7 +49,8 @@ def main() -> None:
     tasks_dir = ROOT / "runs" / "lm_eval_tasks"
     tasks = write_local_tasks(tasks_dir, cloze_items(book, args.cloze), text_documents(wikitext, 300))
     rows = {}
-    for name, location in (("teacher", teacher_location(args.teacher)), ("converted", args.model)):
+    model = str(ready_model_folder(args.model)) if args.model in READY else args.model
+    for name, location in (("teacher", teacher_location(args.teacher)), ("converted", model)):
         start = time.perf_counter()
         model_args = f"pretrained={location},device=cpu" + (",trust_remote_code=True" if name == "converted" else "")
         rows[name] = evaluate_tasks(model_args, tasks, tasks_dir, args.batch_size)

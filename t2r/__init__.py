@@ -39,6 +39,7 @@ _PUBLIC = {
     "load_converted": "t2r.hub",
     "save_converted": "t2r.hub",
     "load_baseline": "t2r.hub",
+    "ready_model_folder": "t2r.hub",
     "sliding_window_baseline": "t2r.modeling.baseline",
     "Sampling": "t2r.inference.sampling",
     "generate": "t2r.inference.generate",

