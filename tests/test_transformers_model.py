@@ -85,6 +85,22 @@ def test_generate_matches_the_command_line(llama_folder: Path, capfd) -> None:
         assert f"--- {text!r}\n{text}{tokenizer.decode(row, skip_special_tokens=True)}\n" in printed
 
 
+def test_compiled_and_smaller_weights_decode_inside_generate(llama_folder: Path) -> None:
+    from t2r.modeling.quantize import Int4Linear
+
+    ids, mask = batch()
+    prompts = [torch.tensor(p) for p in PROMPTS]
+    compiled = AutoModelForCausalLM.from_pretrained(llama_folder).compile_decode(backend="aot_eager")
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    expected = generate_batch(compiled.t2r, prompts, 8, Sampling(greedy=True))
+    assert out[:, ids.shape[1] :].tolist() == [result.new_tokens for result in expected]
+    small = AutoModelForCausalLM.from_pretrained(llama_folder, weights="int4")
+    assert any(isinstance(module, Int4Linear) for module in small.t2r.modules())
+    out = small.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    expected = generate_batch(small.t2r, prompts, 8, Sampling(greedy=True))
+    assert out[:, ids.shape[1] :].tolist() == [result.new_tokens for result in expected]
+
+
 def test_forward_equals_t2r_and_gives_a_loss(llama_folder: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_folder)
     ids, mask = batch()
@@ -280,3 +296,25 @@ def test_import_t2r_registers_the_model_type() -> None:
 
     assert t2r.T2RModelForCausalLM is T2RModelForCausalLM
     assert type(AutoConfig.for_model("t2r")).__name__ == "T2RPretrainedConfig"
+
+
+@pytest.mark.slow
+def test_generate_on_the_ready_model_emits_what_t2r_generate_emits() -> None:
+    """The real default model, trained (the shipped hybrid-kv recipe's model): three chat prompts of
+    different lengths, left-padded, 64 greedy tokens."""
+    from t2r.hub import ready_model_folder
+
+    folder = ready_model_folder("t2r-smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    questions = ["What is the capital of France?", "Write a haiku about rain.", "List three uses of copper."]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert len(set(inputs.attention_mask.sum(1).tolist())) == 3
+    out = model.generate(**inputs, max_new_tokens=64, do_sample=False, eos_token_id=None)
+    prompts = [torch.tensor(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+    expected = generate_batch(model.t2r, prompts, 64, Sampling(greedy=True))
+    assert out[:, inputs.input_ids.shape[1] :].tolist() == [result.new_tokens for result in expected]
