@@ -307,7 +307,11 @@ def test_generate_on_the_ready_model_emits_what_t2r_generate_emits() -> None:
     folder = ready_model_folder("t2r-smollm2-135m")
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    questions = ["What is the capital of France?", "Write a haiku about rain.", "List three uses of copper."]
+    questions = [
+        "Hi!",
+        "Write a haiku about rain in the mountains.",
+        "List three uses of copper in electrical engineering and explain each one briefly.",
+    ]
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in questions
