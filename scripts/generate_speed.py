@@ -109,7 +109,7 @@ def main() -> None:
             )  # fmt: skip
         sizes[new_tokens] = out.cache.nbytes()
         print(f"cache after {new_tokens} new tokens: {sizes[new_tokens]:,} bytes", flush=True)
-    command = "python scripts/generate_speed.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python scripts/generate_speed.py", *sys.argv[1:]])
     summary = {
         "model": args.model,
         "prompt_tokens": len(ids),

@@ -56,7 +56,7 @@ def main() -> None:
         rows[name] = evaluate_tasks(model_args, tasks, tasks_dir, args.batch_size)
         rows[name]["seconds"] = time.perf_counter() - start
         print(name, json.dumps(rows[name]), flush=True)
-    command = "python scripts/lm_eval_local.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python scripts/lm_eval_local.py", *sys.argv[1:]])
     OUT.mkdir(exist_ok=True)
     (OUT / "lm_eval_local.json").write_text(json.dumps({"command": command, "model": args.model, **rows}, indent=2))
     lines = [
