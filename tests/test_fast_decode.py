@@ -95,6 +95,35 @@ def test_rows_leave_the_batch() -> None:
         assert (got - expected).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(window=5), dict(window=5, softmax_layers=(1,)), dict(window=0)],
+    ids=["hybrid", "hybrid+softmax-layer", "linear"],
+)
+@torch.no_grad()
+def test_a_row_joins_a_running_batch(settings: dict) -> None:
+    """A sequence prefilled alone joins a batch whose ring pointer is elsewhere: every row then
+    decodes exactly as it would alone (continuous batching)."""
+    model = trained_looking(converted("llama", "hedgehog", tie_qk=False, **settings))
+    generator = torch.Generator().manual_seed(3)
+    first, second = (
+        torch.randint(3, VOCAB, (1, 31), generator=generator),
+        torch.randint(3, VOCAB, (1, 19), generator=generator),
+    )
+    running = FastState.from_model_state(model(first[:, :23], form="chunked")[1])
+    for t in range(23, 31):  # the running row moves its ring pointer
+        fast_step(model, first[0, t : t + 1], running)
+    newcomer = FastState.from_model_state(model(second, form="chunked")[1])
+    if settings["window"]:
+        assert int(running.next_slot) != int(newcomer.next_slot)
+    alone = [FastState.join([running]), FastState.join([newcomer])]
+    joined = FastState.join([running, newcomer])
+    for _ in range(9):
+        tokens = torch.randint(3, VOCAB, (2,), generator=generator)
+        expected = torch.cat([fast_step(model, tokens[row : row + 1], alone[row]) for row in range(2)])
+        assert (fast_step(model, tokens, joined) - expected).abs().max() <= TOLERANCE
+
+
 @torch.no_grad()
 def test_generate_decodes_what_the_reference_step_decodes() -> None:
     from t2r.inference.generate import generate

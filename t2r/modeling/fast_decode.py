@@ -125,6 +125,63 @@ class FastState:
             layers.append(layer.select(index))
         return FastState(layers, self.seen[index], self.next_slot.clone())
 
+    @classmethod
+    def join(cls, states: list[FastState]) -> FastState:
+        """One batch of every row of `states`, in order (a new sequence joins a running batch:
+        continuous batching). The ring pointer is shared by a batch, so each state's window slots
+        are rolled to put its oldest slot at the first state's pointer; the KV caches of layers
+        kept as softmax, whose lengths differ, are padded on the left with invalid slots."""
+        pointer = int(states[0].next_slot)
+        layers: list[LayerFastState] = []
+        for parts in zip(*(state.layers for state in states), strict=True):
+            first = parts[0]
+            if isinstance(first, RingWindow):
+                shifts = [pointer - int(state.next_slot) for state in states]
+                rolled = [_ring_rolled(part, shift) for part, shift in zip(parts, shifts, strict=True)]
+                tensors = [torch.cat(group) for group in zip(*rolled, strict=True)]
+                layers.append(RingWindow(*tensors, first.sinks))
+            elif isinstance(first, LinearAttentionState):
+                kv, k_sum = torch.cat([p.kv for p in parts]), torch.cat([p.k_sum for p in parts])
+                layers.append(LinearAttentionState(kv, k_sum))
+            else:
+                layers.append(_left_padded_caches(parts))
+        seen = torch.cat([state.seen for state in states])
+        return cls(layers, seen, states[0].next_slot.clone())
+
+
+def _ring_rolled(layer: RingWindow, shift: int) -> tuple[torch.Tensor, ...]:
+    """A RingWindow's tensors with its W window slots rolled by `shift` (its sink slots stay)."""
+    sinks = layer.sinks
+
+    def rolled(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
+        head, window = x.narrow(dim, 0, start), x.narrow(dim, start, x.shape[dim] - start)
+        return torch.cat([head, torch.roll(window, shift, dims=dim)], dim)
+
+    return (
+        layer.kv,
+        layer.k_sum,
+        rolled(layer.keys, 2, sinks),
+        rolled(layer.values, 2, sinks),
+        rolled(layer.linear_keys, 2, 0),
+        rolled(layer.valid, 1, sinks),
+    )
+
+
+def _left_padded_caches(parts: tuple[KVCacheState, ...]) -> KVCacheState:
+    """KV caches of several rows as one, shorter ones padded on the left with invalid slots."""
+    length = max(part.keys.shape[2] for part in parts)
+
+    def padded(x: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[dim] = length - x.shape[dim]
+        return torch.cat([x.new_zeros(shape), x], dim)
+
+    return KVCacheState(
+        torch.cat([padded(p.keys, 2) for p in parts]),
+        torch.cat([padded(p.values, 2) for p in parts]),
+        torch.cat([padded(p.valid, 1) for p in parts]),
+    )
+
 
 def _linear_step(
     attention: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearAttentionState
