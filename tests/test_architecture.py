@@ -20,8 +20,9 @@ FLOORS = {
     "inference": 5,  # sampling and generation
     "evaluation": 6,  # perplexity, fidelity, long context, the bench (may generate)
     "training": 7,  # the trainer (validates through evaluation)
-    "cli": 8,  # one module per command
-    "__main__": 9,
+    "serving": 8,  # the HTTP server: engine thread, OpenAI endpoints, prefix and session states
+    "cli": 9,  # one module per command
+    "__main__": 10,
 }
 # Libraries of the Hugging Face stack: the maths at the bottom is plain PyTorch.
 HUGGING_FACE = ("transformers", "peft", "accelerate", "datasets", "huggingface_hub", "safetensors", "tokenizers")

@@ -1,4 +1,6 @@
-"""The command line: `t2r convert | train | generate | eval | bench | upgrade`. Only this package knows there is one.
+"""The command line: `t2r convert | train | generate | eval | bench | serve | upgrade`.
+
+Only this package knows there is one.
 
 Each command is one module here (its flags and its `run`); this file only builds the parser and
 dispatches. Every failure a user can cause ends as one line on stderr: exit 2 for a usage error
@@ -10,13 +12,13 @@ from __future__ import annotations
 import sys
 
 from t2r import __version__
-from t2r.cli import bench, convert, generate, train, upgrade
+from t2r.cli import bench, convert, generate, serve, train, upgrade
 from t2r.cli import eval as eval_command
 from t2r.cli.common import Formatter, Parser, set_up_logging
 from t2r.errors import T2RError
 from t2r.training.config import Interrupted
 
-COMMANDS = (convert, train, generate, eval_command, bench, upgrade)
+COMMANDS = (convert, train, generate, eval_command, bench, serve, upgrade)
 
 
 def build_parser() -> Parser:

@@ -8,6 +8,7 @@ from typing import Any
 
 from t2r.cli.common import Formatter, bounded_float, peak_rss_bytes, positive_int
 from t2r.errors import UsageError
+from t2r.inference.stopping import eos_ids
 from t2r.modeling.config import WEIGHT_FORMATS
 
 
@@ -91,18 +92,6 @@ def encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
     if len(ids) == 0:
         raise UsageError("a prompt is empty")
     return ids
-
-
-def eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    """Every end-of-text id the tokenizer or the teacher's config names."""
-    ids = {tokenizer.eos_token_id, getattr(model.base.config, "eos_token_id", None)}
-    flat: set[int] = set()
-    for value in ids:
-        if isinstance(value, int):
-            flat.add(value)
-        elif isinstance(value, list):
-            flat.update(v for v in value if isinstance(v, int))
-    return frozenset(flat)
 
 
 def speed_line(results: list[Any], compiled: bool) -> str:

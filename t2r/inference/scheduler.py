@@ -2,14 +2,20 @@
 
 Every active sequence advances one token per `step()`, all in one batched fast step. A submitted
 request waits until a row is free (`max_batch`), is prefilled alone through the chunked form and
-joins the running batch (`FastState.join`); a row that emits a stop token, reaches its budget or is
-cancelled leaves at once (`FastState.select`). Each request keeps its own sampling (its own seeded
-generator), so a request's tokens do not depend on what else is being served: greedy requests
-decode exactly what `t2r.inference.generate` decodes for them alone.
+joins the running batch; a row that emits a stop token, reaches its budget or is cancelled leaves
+at once. Each request keeps its own sampling (its own seeded generator), so a request's tokens do
+not depend on what else is being served: greedy requests decode exactly what
+`t2r.inference.generate` decodes for them alone.
+
+The rows' state lives in `StateSlots` allocated once for `max_batch` rows (a model with layers
+kept as softmax, whose KV caches grow, joins and selects FastStates instead). A failure inside one
+request (its prefill, its sampling, its token callback) ends that request with finish "error";
+the other rows go on.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from t2r.inference.sampling import Sampling, chooser
+from t2r.inference.state_slots import StateSlots
 from t2r.modeling.fast_decode import FastState, fast_step
 from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.state import ModelState
 
 Step = Callable[[T2RForCausalLM, torch.Tensor, FastState], torch.Tensor]
 GREEDY = Sampling(greedy=True)
@@ -26,16 +34,28 @@ GREEDY = Sampling(greedy=True)
 
 @dataclass(eq=False)
 class Request:
-    """prompt [T] token ids; `tokens` grows as the request is served; `finish` is set when it ends:
-    "stop" (a stop token, not kept), "length" (max_new_tokens reached) or "cancelled"."""
+    """prompt [T] token ids, fed after `start_state` (None: from the empty state).
+
+    `tokens` grows as the request is served; `finish` is set when it ends: "stop" (a stop token,
+    not kept), "length" (max_new_tokens reached), "cancelled" or "error" (`error` says why).
+    logprobs=k records, per new token, its log-probability and the k most likely tokens'
+    (`token_logprobs`). keep_state=True leaves the state after every kept token (the last one
+    fed too) in `final_state`: a conversation continues from it.
+    """
 
     prompt: torch.Tensor
     max_new_tokens: int
     sampling: Sampling = GREEDY
     stop_ids: frozenset[int] = frozenset()
     on_token: Callable[[int], None] | None = None
+    start_state: ModelState | None = None
+    logprobs: int | None = None
+    keep_state: bool = False
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     finish: str | None = None
+    error: BaseException | None = None
+    final_state: ModelState | None = None
 
     def __post_init__(self) -> None:
         if len(self.prompt) == 0:
@@ -44,27 +64,65 @@ class Request:
             raise ValueError("max_new_tokens must be at least 1")
         self.choose = chooser(self.sampling)
 
+    def fail(self, error: BaseException) -> None:
+        self.finish, self.error = "error", error
+
+
+# prefill(model, request) -> (logits [1, V] after the prompt, the state after it)
+Prefill = Callable[[T2RForCausalLM, Request], tuple[torch.Tensor, ModelState]]
+
+
+def plain_prefill(model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
+    ids = request.prompt[None].to(model.device)
+    logits, state = model(ids, state=request.start_state, form="chunked", logits_to_keep=1)
+    return logits[:, -1], state
+
+
+def top_logprobs(logits: torch.Tensor, token: int, count: int) -> tuple[float, dict[int, float]]:
+    """logits [V] -> (log p(token), {id: log p} of the `count` most likely ids)."""
+    logp = torch.log_softmax(logits.float(), -1)
+    values, ids = logp.topk(count) if count > 0 else (logp[:0], logp[:0].long())
+    return float(logp[token]), dict(zip(ids.tolist(), values.tolist(), strict=True))
+
 
 class Scheduler:
     """The active rows' state and next-token logits [B, V], and the queue of waiting requests."""
 
-    def __init__(self, model: T2RForCausalLM, max_batch: int, step: Step = fast_step) -> None:
+    def __init__(
+        self, model: T2RForCausalLM, max_batch: int, step: Step = fast_step, prefill: Prefill = plain_prefill
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.model, self.max_batch, self.decode = model, max_batch, step
+        self.model, self.max_batch, self.decode, self.prefill = model, max_batch, step, prefill
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
-        self.state: FastState | None = None
         self.logits: torch.Tensor | None = None
+        empty = FastState.from_model_state(model.init_state(1))
+        # The state of `max_batch` rows, allocated once (None: softmax layers, states are joined).
+        self.slots = StateSlots(empty, max_batch) if StateSlots.fits(empty) else None
+        self._joined: FastState | None = None
+        self.steps, self.step_seconds = 0, 0.0  # batched decode steps run, and their total time
+
+    @property
+    def state(self) -> FastState | None:
+        if self.slots is not None:
+            return self.slots.view() if self.slots.active else None
+        return self._joined
+
+    def state_bytes(self) -> int:
+        """Bytes of the rows' state: all `max_batch` slots (allocated once), or the joined rows'."""
+        if self.slots is not None:
+            return self.slots.nbytes()
+        return 0 if self._joined is None else self._joined.nbytes()
 
     def submit(self, request: Request) -> Request:
         self.waiting.append(request)
         return request
 
-    def cancel(self, request: Request) -> None:
-        """End a request now (a client that went away): it leaves the batch at the next step."""
+    def cancel(self, request: Request, finish: str = "cancelled") -> None:
+        """End a request now (a client that went away, a stop string): it leaves at the next step."""
         if request.finish is None:
-            request.finish = "cancelled"
+            request.finish = finish
         if request in self.waiting:
             self.waiting.remove(request)
 
@@ -75,49 +133,92 @@ class Scheduler:
     @torch.no_grad()
     def step(self) -> None:
         """Admit waiting requests, emit one token for every active row, then decode the next
-        logits of the rows still running."""
+        logits of the rows still running (and of rows that keep their state: their last token)."""
         self._admit()
         if not self.active:
             return
-        assert self.state is not None and self.logits is not None
+        assert self.logits is not None
         tokens = []
         for row, request in enumerate(self.active):
-            token = int(request.choose(self.logits[row : row + 1])[0]) if request.finish is None else -1
-            tokens.append(token)
-            if request.finish is not None:
-                continue
+            tokens.append(self._emit(request, self.logits[row]) if request.finish is None else -1)
+        # Rows that ended by length and keep their state take part in this last decode: it feeds
+        # their last token, and its state is theirs to keep.
+        for row, request in enumerate(self.active):
+            if request.keep_state and request.finish == "stop":
+                request.final_state = self._row_state(row)
+        feed = [row for row, r in enumerate(self.active) if r.finish is None or (r.keep_state and r.finish == "length")]
+        self._keep(feed)
+        if not self.active:
+            return
+        ids = torch.tensor([tokens[row] for row in feed], device=self.model.device)
+        started = time.perf_counter()
+        try:
+            self.logits = self.decode(self.model, ids, self.state)  # type: ignore[arg-type]
+        except Exception as error:  # the batch cannot go on: every row fails, the loop does not
+            for request in self.active:
+                request.fail(error)
+            self._keep([])
+            return
+        self.step_seconds += time.perf_counter() - started
+        self.steps += 1
+        for row, request in enumerate(self.active):
+            if request.finish == "length":  # kept its state: it leaves now
+                request.final_state = self._row_state(row)
+        self._keep([row for row, r in enumerate(self.active) if r.finish is None])
+
+    def _emit(self, request: Request, logits: torch.Tensor) -> int:
+        """Choose a row's next token and hand it on; -1 when the row ends without a token to feed."""
+        try:
+            token = int(request.choose(logits[None])[0])
             if token in request.stop_ids:
                 request.finish = "stop"
-                continue
+                return -1
+            if request.logprobs is not None:
+                request.token_logprobs.append(top_logprobs(logits, token, request.logprobs))
             request.tokens.append(token)
             if request.on_token is not None:
                 request.on_token(token)
-            if len(request.tokens) >= request.max_new_tokens:
-                request.finish = "length"
-        keep = [row for row, request in enumerate(self.active) if request.finish is None]
-        if len(keep) < len(self.active):
-            self.active = [self.active[row] for row in keep]
-            if not keep:
-                self.state, self.logits = None, None
-                return
-            index = torch.tensor(keep, device=self.logits.device)
-            self.state = self.state.select(index)
-            tokens = [tokens[row] for row in keep]
-        ids = torch.tensor(tokens, device=self.logits.device)
-        self.logits = self.decode(self.model, ids, self.state)
+        except Exception as error:
+            request.fail(error)
+            return -1
+        if len(request.tokens) >= request.max_new_tokens and request.finish is None:
+            request.finish = "length"
+        return token
+
+    def _row_state(self, row: int) -> ModelState:
+        state = self.state
+        assert state is not None
+        return state.select(torch.tensor([row], device=state.seen.device)).to_model_state()
+
+    def _keep(self, rows: list[int]) -> None:
+        """Only these active rows (ascending) stay, in their order."""
+        if len(rows) == len(self.active):
+            return
+        assert self.logits is not None
+        self.active = [self.active[row] for row in rows]
+        if self.slots is not None:
+            self.slots.keep(rows)
+        elif rows:
+            assert self._joined is not None
+            self._joined = self._joined.select(torch.tensor(rows, device=self.logits.device))
+        else:
+            self._joined = None
+        self.logits = self.logits[rows] if rows else None
 
     def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
             request = self.waiting.popleft()
             if request.finish is not None:
                 continue
-            ids = request.prompt[None].to(self.model.device)
-            logits, state = self.model(ids, form="chunked", logits_to_keep=1)
+            try:
+                logits, state = self.prefill(self.model, request)
+            except Exception as error:
+                request.fail(error)
+                continue
             fresh = FastState.from_model_state(state)
-            if self.state is None:
-                self.state, self.logits = fresh, logits[:, -1]
+            if self.slots is not None:
+                self.slots.add(fresh)
             else:
-                assert self.logits is not None
-                self.state = FastState.join([self.state, fresh])
-                self.logits = torch.cat([self.logits, logits[:, -1]])
+                self._joined = fresh if self._joined is None else FastState.join([self._joined, fresh])
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
             self.active.append(request)

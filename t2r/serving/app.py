@@ -1,0 +1,267 @@
+"""The FastAPI application: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (JSON or
+server-sent events), /health and /metrics, API keys, queue limits, body limits and OpenAI-style
+error objects. `create_app` wires an Engine in; `t2r serve` runs it under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from t2r.serving.engine import Engine
+from t2r.serving.limits import BodyLimit
+from t2r.serving.metrics import Metrics
+from t2r.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from t2r.serving.responses import ChatShape, CompletionShape, Shape
+from t2r.serving.runs import Run
+from t2r.serving.sessions import SessionStore
+from t2r.serving.text import chat_continuation, chat_prompt
+
+
+@dataclass
+class Settings:
+    model_name: str
+    max_batch: int = 8
+    max_queue: int = 64
+    max_tokens_limit: int = 4096
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 2**20
+
+
+def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: frozenset[int],
+               metrics: Metrics, sessions: SessionStore | None = None) -> FastAPI:  # fmt: skip
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()  # the decode thread lives as long as the app
+        yield
+        engine.stop()
+
+    app = FastAPI(title="t2r", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.draining = False
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    metrics.active_rows.set_function(lambda: engine.active())
+    metrics.queue_length.set_function(lambda: engine.waiting())
+    vocab = len(tokenizer)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = "the body is not valid JSON" if first.get("type") == "json_invalid" else first.get("msg", "invalid")
+        return JSONResponse(error_body(f"{where}: {message}" if where else message, "invalid_request_error", where),
+                            status_code=400)  # fmt: skip
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {error}", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Response:
+        path = request.url.path
+        if path.startswith("/v1/"):
+            if settings.api_key is not None:
+                header = request.headers.get("authorization", "")
+                if header != f"Bearer {settings.api_key}":
+                    response: Response = JSONResponse(
+                        error_body("missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error",
+                                   code="invalid_api_key"), status_code=401)  # fmt: skip
+                    metrics.requests.labels(path, "401").inc()
+                    return response
+            if app.state.draining and request.method == "POST":
+                metrics.requests.labels(path, "503").inc()
+                return JSONResponse(error_body("the server is shutting down", "server_error"), status_code=503)
+        response = await call_next(request)
+        if path != "/metrics":
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "draining" if app.state.draining else "ok", "model": settings.model_name,
+                "active_rows": engine.active(), "queued": engine.waiting()}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        metrics.prefix_cache_bytes.set(engine.prefix_cache.bytes if engine.prefix_cache else 0)
+        metrics.session_bytes.set(sessions.bytes if sessions else 0)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "t2r"}
+        return {"object": "list", "data": [card]}
+
+    def check(body: Any, default_max: int) -> int:
+        if body.model != settings.model_name:
+            raise OpenAIError(404, f"the model '{body.model}' does not exist; this server serves "
+                              f"'{settings.model_name}'", param="model", code="model_not_found")  # fmt: skip
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = default_max if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= settings.max_tokens_limit:
+            raise OpenAIError(400, f"max_tokens must be between 1 and {settings.max_tokens_limit}", param="max_tokens")
+        return max_tokens
+
+    def admit(count: int) -> None:
+        if engine.waiting() + engine.active() + count > settings.max_batch + settings.max_queue:
+            raise OpenAIError(429, "too many requests are waiting; retry later", kind="rate_limit_error")
+
+    def encode(text: str, special: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=special).input_ids
+
+    def prompt_ids(prompt: Any, continuing: bool) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [encode(prompt, not continuing)]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [p if isinstance(p, list) else encode(p, not continuing) for p in prompt]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise OpenAIError(400, "the prompt is empty", param="prompt")
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        return prompts
+
+    def claim(name: str | None, count: int) -> Any:
+        """The session to continue (None: a new one), claimed for this request."""
+        if name is None:
+            return None
+        if sessions is None:
+            raise OpenAIError(400, "this server keeps no sessions (--session-cache-mb 0)", param="session")
+        if count != 1:
+            raise OpenAIError(400, "a session continues one prompt with n=1", param="session")
+        if not sessions.claim(name):
+            raise OpenAIError(409, f"session '{name}' is answering another request", param="session")
+        try:
+            return sessions.get(name)
+        except Exception as error:
+            sessions.release(name)
+            raise OpenAIError(400, f"session '{name}' cannot be read: {error}", param="session") from error
+
+    async def serve(http: Request, run: Run, shape: Shape, stream: bool, include_usage: bool) -> Response:
+        run.start()
+        if stream:
+            return StreamingResponse(sse(run, shape, include_usage), media_type="text/event-stream")
+        watcher = asyncio.create_task(watch_disconnect(http, run))
+        try:
+            async for update in run.updates():
+                shape.add(update)
+        finally:
+            watcher.cancel()
+        count_tokens(run)
+        return JSONResponse(shape.body(run))
+
+    async def sse(run: Run, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            for chunk in shape.opening():
+                yield f"data: {json.dumps(chunk)}\n\n"
+            async for update in run.updates():
+                chunk = shape.chunk(update, run)
+                if chunk is not None:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if include_usage:
+                yield f"data: {json.dumps(shape.usage_chunk(run))}\n\n"
+            yield "data: [DONE]\n\n"
+        except OpenAIError as error:
+            yield f"data: {json.dumps(error.body())}\n\n"
+        finally:  # normal end, or the client went away (the task is cancelled)
+            run.cancel()
+            count_tokens(run)
+
+    async def watch_disconnect(http: Request, run: Run) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if await http.is_disconnected():
+                run.cancel()
+                return
+
+    def count_tokens(run: Run) -> None:
+        metrics.prompt_tokens.inc(run.prompt_tokens)
+        metrics.generation_tokens.inc(run.completion_tokens)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request) -> Response:
+        max_tokens = check(body, 16)
+        single = isinstance(body.prompt, str) or all(isinstance(p, int) for p in body.prompt)
+        session = claim(body.session, body.n * (1 if single else len(body.prompt)))
+        try:
+            prompts = prompt_ids(body.prompt, continuing=session is not None)
+            if session is not None and session.kind != "completion":
+                raise OpenAIError(400, f"session '{body.session}' is a chat: continue it on /v1/chat/completions")
+            admit(len(prompts) * body.n)
+            score = body.logprobs if body.echo and body.logprobs is not None else None
+            if score is not None and session is not None:
+                raise OpenAIError(400, "echo with logprobs scores a whole prompt: not with a session", param="echo")
+            start = session.state if session else None
+            held = (body.session, "completion", session.tokens if session else 0) if body.session else None
+            run = Run(engine, tokenizer, prompts, body, max_tokens, stop_ids, body.logprobs, score, start, held)
+        except BaseException:
+            if body.session is not None:
+                sessions.release(body.session)  # type: ignore[union-attr]
+            raise
+        shape = CompletionShape(settings.model_name, tokenizer, body, prompts)
+        return await released(serve(http, run, shape, body.stream, bool(body.stream_options
+                                                                        and body.stream_options.include_usage)),
+                              body.session)  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: Request) -> Response:
+        max_tokens = check(body, settings.max_tokens_limit)
+        session = claim(body.session, body.n)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if session is not None and session.kind != "chat":
+                raise OpenAIError(400, f"session '{body.session}' is a completion: continue it on /v1/completions")
+            ids = chat_continuation(tokenizer, messages) if session else chat_prompt(tokenizer, messages)
+            admit(body.n)
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            start = session.state if session else None
+            held = (body.session, "chat", session.tokens if session else 0) if body.session else None
+            run = Run(engine, tokenizer, [ids], body, max_tokens, stop_ids, top, None, start, held)
+        except BaseException:
+            if body.session is not None:
+                sessions.release(body.session)  # type: ignore[union-attr]
+            raise
+        shape = ChatShape(settings.model_name, tokenizer, body)
+        return await released(serve(http, run, shape, body.stream, bool(body.stream_options
+                                                                        and body.stream_options.include_usage)),
+                              body.session)  # fmt: skip
+
+    async def released(response: Any, session: str | None) -> Response:
+        """The response; a session is released when its request has ended (streams: at their end)."""
+        try:
+            result = await response
+        except BaseException:
+            if session is not None:
+                sessions.release(session)  # type: ignore[union-attr]
+            raise
+        if session is not None:
+            if isinstance(result, StreamingResponse):
+                result.background = _release_task(sessions, session)
+            else:
+                sessions.release(session)  # type: ignore[union-attr]
+        return result
+
+    return app
+
+
+def _release_task(sessions: Any, name: str) -> Any:
+    from starlette.background import BackgroundTask
+
+    return BackgroundTask(sessions.release, name)

@@ -1,0 +1,191 @@
+"""The decode loop of the server, in one thread, and its hand-over to the web server's asyncio.
+
+Requests come in through a thread-safe inbox and are served by `Scheduler` (continuous batching
+over the recurrent state); every emitted token and every end is posted back to the request's own
+asyncio queue with `call_soon_threadsafe`. The model is touched by this thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from t2r.inference.scheduler import Request, Scheduler, Step
+from t2r.modeling.fast_decode import fast_step
+from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.state import ModelState
+from t2r.serving.metrics import Metrics
+from t2r.serving.prefix_cache import PrefixCache, segmented_prefill
+from t2r.serving.sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One choice of one HTTP request: the scheduler's Request, where its events go, and what it
+    asks of the prefill (prompt scoring for echo + logprobs, a session to continue and keep)."""
+
+    request: Request
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue  # (index, "token" | "done", payload), shared by a request's choices
+    score_prompt: int | None = None  # top-k per prompt position (echo + logprobs), or None
+    index: int = 0
+    session: str | None = None
+    session_kind: str = "completion"
+    session_tokens: int = 0  # tokens the starting state had seen
+    prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
+    cached_tokens: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    def post(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, payload))
+        except RuntimeError:  # the web server's loop has closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    """Owns the model and the scheduler; `submit` and `cancel` may be called from any thread."""
+
+    def __init__(
+        self,
+        model: T2RForCausalLM,
+        max_batch: int,
+        metrics: Metrics,
+        step: Step = fast_step,
+        prefix_cache: PrefixCache | None = None,
+        prefix_block: int = 256,
+        sessions: SessionStore | None = None,
+    ) -> None:
+        self.model, self.metrics = model, metrics
+        self.prefix_cache, self.prefix_block, self.sessions = prefix_cache, prefix_block, sessions
+        self.scheduler = Scheduler(model, max_batch, step, prefill=self._prefill)
+        self._jobs: dict[Request, Job] = {}  # the decode thread's only
+        self._outstanding = 0  # jobs submitted and not yet ended (any thread, under the lock)
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue[tuple[str, Job]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="t2r-decode", daemon=True)
+        self._stopping = threading.Event()
+        metrics.state_bytes.set(self.scheduler.state_bytes())
+
+    # --- any thread -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(("wake", None))  # type: ignore[arg-type]
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._outstanding += 1
+        self._inbox.put(("submit", job))
+
+    def cancel(self, job: Job, finish: str = "cancelled") -> None:
+        self._inbox.put((finish, job))
+
+    def waiting(self) -> int:
+        """Requests not yet decoding: in the inbox or the scheduler's queue."""
+        with self._lock:
+            return max(0, self._outstanding - len(self.scheduler.active))
+
+    def active(self) -> int:
+        return len(self.scheduler.active)
+
+    # --- the decode thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            self._take_inbox(block=not self.scheduler.busy)
+            if not self.scheduler.busy:
+                continue
+            steps_before, seconds_before = self.scheduler.steps, self.scheduler.step_seconds
+            self.scheduler.step()
+            if self.scheduler.steps > steps_before:
+                self.metrics.step_seconds.observe(self.scheduler.step_seconds - seconds_before)
+            self._report_finished()
+            self.metrics.active_rows.set(len(self.scheduler.active))
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            command, job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if command == "submit":
+                self._jobs[job.request] = job
+                job.request.on_token = lambda token, job=job: self._on_token(job, token)
+                self.scheduler.submit(job.request)
+            elif command != "wake" and job.request in self._jobs:
+                self.scheduler.cancel(job.request, command)
+                if job.request not in self.scheduler.active:
+                    self._report_finished()
+            try:
+                command, job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_token(self, job: Job, token: int) -> None:
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+            self.metrics.time_to_first_token.observe(job.first_token - job.submitted)
+        logprob = job.request.token_logprobs[-1] if job.request.logprobs is not None else None
+        job.post("token", (token, logprob))
+
+    def _report_finished(self) -> None:
+        active = set(self.scheduler.active)
+        for request, job in list(self._jobs.items()):
+            if request.finish is None or request in active:
+                continue
+            del self._jobs[request]
+            with self._lock:
+                self._outstanding -= 1
+            if job.session is not None and request.final_state is not None and self.sessions is not None:
+                try:
+                    tokens = job.session_tokens + len(request.prompt) + len(request.tokens)
+                    self.sessions.put(job.session, Session(request.final_state, job.session_kind, tokens))
+                except Exception as error:  # the response is complete; the session is not kept
+                    log.exception("could not keep session %s", job.session)
+                    request.fail(error)
+            if request.finish == "cancelled":
+                self.metrics.cancelled.inc()
+            job.post("done", (request.finish, request.error))
+
+    def _prefill(self, model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
+        job = self._jobs[request]
+        logits, state, cached = segmented_prefill(
+            model,
+            request.prompt,
+            self.prefix_block,
+            self.prefix_cache if request.start_state is None else None,
+            request.start_state,
+            all_logits=job.score_prompt is not None,
+        )
+        job.cached_tokens = cached
+        self.metrics.prefix_cached_tokens.inc(cached)
+        if job.score_prompt is not None:
+            job.prompt_logprobs = prompt_logprobs(logits, request.prompt, job.score_prompt)
+            logits = logits[-1:]
+        return logits, state
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> list[tuple[float, dict[int, float]]]:
+    """logits [T, V] of a prompt ids [T] -> for tokens 1..T-1: (log p(token), top-k {id: log p})."""
+    logp = torch.log_softmax(logits[:-1].float(), -1)  # position t predicts token t + 1
+    chosen = logp.gather(1, ids[1:, None].to(logp.device))[:, 0].tolist()
+    if top > 0:
+        values, indices = logp.topk(top, dim=-1)
+        tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [{} for _ in chosen]
+    return list(zip(chosen, tops, strict=True))

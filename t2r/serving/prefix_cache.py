@@ -1,0 +1,108 @@
+"""Prompt-prefix states: the state after the first k·block tokens of a prompt, kept in an LRU
+cache bounded in bytes, so that a request starting with a cached prefix (a system prompt, a
+shared few-shot header) prefills only the rest.
+
+A KV-cache server keeps a prefix as keys and values that grow with its length; here a prefix of
+any length is one state of fixed size. Every prompt is prefilled in segments that end at the
+multiples of `block` (and at its end), whether or not a prefix is found, so a hit computes exactly
+what a miss computes: the same tokens, bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+
+import torch
+
+from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.state import ModelState
+
+
+class PrefixCache:
+    """key (a digest of a token prefix) -> the state after it, least recently used evicted first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._states: OrderedDict[bytes, ModelState] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, key: bytes) -> ModelState | None:
+        with self._lock:
+            state = self._states.get(key)
+            if state is not None:
+                self._states.move_to_end(key)
+            return state
+
+    def put(self, key: bytes, state: ModelState) -> None:
+        size = state.nbytes()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._states:
+                self._states.move_to_end(key)
+                return
+            self._states[key] = state
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._states.popitem(last=False)
+                self.bytes -= old.nbytes()
+
+
+def prefix_keys(ids: torch.Tensor, block: int) -> list[tuple[int, bytes]]:
+    """(k·block, digest of ids[:k·block]) for every multiple of `block` strictly inside ids [T]."""
+    digest = hashlib.blake2b(digest_size=16)
+    keys = []
+    for end in range(block, len(ids), block):
+        digest.update(ids[end - block : end].to(torch.int64).numpy().tobytes())
+        keys.append((end, digest.copy().digest()))
+    return keys
+
+
+@torch.no_grad()
+def segmented_prefill(
+    model: T2RForCausalLM,
+    ids: torch.Tensor,
+    block: int,
+    cache: PrefixCache | None,
+    state: ModelState | None = None,
+    all_logits: bool = False,
+) -> tuple[torch.Tensor, ModelState, int]:
+    """Prefill ids [T] from `state` in segments ending at multiples of `block`.
+
+    Without a starting state, the longest cached prefix is used (unless `all_logits`: the logits of
+    every position are needed) and the states at the boundaries passed are cached. Returns the
+    logits (all_logits: [T, V] of every position; else [1, V] of the last one), the state after
+    ids, and how many tokens came from the cache.
+    """
+    keys = prefix_keys(ids, block) if state is None and block > 0 else []
+    start = 0
+    if cache is not None and keys and not all_logits:
+        for end, key in reversed(keys):
+            found = cache.get(key)
+            if found is not None:
+                start, state = end, found
+                break
+        if start:
+            cache.hits += 1
+        else:
+            cache.misses += 1
+    cached = start
+    ends = [end for end, _ in keys if end > start] + [len(ids)]
+    key_at = dict(keys)
+    pieces = []
+    for end in ends:
+        segment = ids[start:end][None].to(model.device)
+        logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if all_logits else 1)
+        pieces.append(logits[0])
+        if cache is not None and end in key_at:
+            cache.put(key_at[end], state)
+        start = end
+    assert state is not None
+    logits = torch.cat(pieces) if all_logits else pieces[-1][-1:]
+    return logits, state, cached

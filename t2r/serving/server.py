@@ -1,0 +1,72 @@
+"""Builds the whole server from `t2r serve`'s flags: the model, the engine, the app, and a uvicorn
+server that drains on SIGTERM (finishes the active rows, refuses new requests, then exits)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from t2r.errors import UsageError
+from t2r.hub import load_model
+from t2r.inference.stopping import eos_ids
+from t2r.modeling.fast_decode import Decoder
+from t2r.modeling.model import T2RForCausalLM
+from t2r.modeling.quantize import with_weights
+from t2r.serving.app import Settings, create_app
+from t2r.serving.engine import Engine
+from t2r.serving.metrics import Metrics
+from t2r.serving.prefix_cache import PrefixCache
+from t2r.serving.sessions import SessionStore
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM / SIGINT: new requests get 503 while uvicorn lets the open ones finish."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.t2r_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.t2r_app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metrics, name: str) -> tuple[Engine, Any]:
+    prefix = PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb and args.prefix_block else None
+    sessions = (
+        SessionStore(args.session_cache_mb * 2**20, args.sessions_dir, model_id=name) if args.session_cache_mb else None
+    )
+    decoder = Decoder(compile=args.compile)
+    engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions)
+    return engine, sessions
+
+
+def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
+    model, tokenizer = load_model(args.model)
+    if not isinstance(model, T2RForCausalLM):
+        raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
+    model = with_weights(model, args.weights)
+    name = args.served_model_name or Path(args.model).name
+    metrics = Metrics()
+    engine, sessions = build_engine(model, args, metrics, name)
+    settings = Settings(name, args.max_batch, args.max_queue, args.max_tokens_limit, args.api_key,
+                        args.max_body_kb * 1024)  # fmt: skip
+    app = create_app(engine, tokenizer, settings, eos_ids(tokenizer, model), metrics, sessions)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    allocated = engine.scheduler.state_bytes()
+    state = (
+        f"decode state for {args.max_batch} rows allocated once: {allocated / 2**20:.1f} MiB "
+        f"({allocated / args.max_batch / 2**20:.2f} MiB per row)"
+        if engine.scheduler.slots is not None
+        else "decode state grows with each token (layers kept as softmax)"
+    )
+    summary = (
+        f"t2r serve: '{name}' on http://{args.host}:{args.port}/v1; {state}; "
+        f"weights {args.weights}{', compiled' if args.compile else ''}; "
+        f"{'API key required' if args.api_key else 'no API key'}"
+    )
+    return DrainingServer(config, app), summary

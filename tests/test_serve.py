@@ -1,0 +1,273 @@
+"""`t2r serve` through a real uvicorn server and the real `openai` client: completions and chat,
+streamed or not, continuous batching, disconnects, sessions, prefix states, and every bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx2
+import openai
+import pytest
+import torch
+
+from t2r.inference.generate import generate
+from t2r.inference.sampling import Sampling
+from tests.conftest import tiny_tokenizer
+from tests.serving import NAME, Served, serving, tiny_served_model
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_served_model()
+
+
+@pytest.fixture(scope="module")
+def served(model: torch.nn.Module):
+    with serving(model) as server:
+        yield server
+
+
+def client(served: Served, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.v1, api_key=key, max_retries=0)
+
+
+def alone(model: torch.nn.Module, ids: list[int], count: int) -> list[int]:
+    return generate(model, torch.tensor(ids), count, Sampling(greedy=True)).new_tokens
+
+
+def test_models_and_health(served: Served) -> None:
+    assert [m.id for m in client(served).models.list().data] == [NAME]
+    assert httpx2.get(f"{served.url}/health").json()["status"] == "ok"
+
+
+def test_completion_streamed_and_whole_decode_what_generate_decodes(served: Served, model) -> None:
+    whole = client(served).completions.create(model=NAME, prompt="It is a truth", max_tokens=12, **GREEDY)
+    choice = whole.choices[0]
+    ids = tiny_tokenizer()("It is a truth").input_ids
+    assert choice.prompt_token_ids == ids and choice.token_ids == alone(model, ids, 12)
+    assert choice.finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 12)
+    chunks = list(client(served).completions.create(model=NAME, prompt="It is a truth", max_tokens=12, stream=True,
+                                                    stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_streamed_and_whole(served: Served, model) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Call me Ishmael."}]
+    whole = client(served).chat.completions.create(model=NAME, messages=messages, max_tokens=10, **GREEDY)
+    tokenizer = tiny_tokenizer()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert whole.choices[0].token_ids == alone(model, ids, 10)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.prompt_tokens == len(ids)
+    stream = client(served).chat.completions.create(model=NAME, messages=messages, max_tokens=10, stream=True,
+                                                    **GREEDY)  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 10
+
+
+def test_eight_concurrent_streams_each_equal_the_request_alone(served: Served, model) -> None:
+    prompts = [f"Call me Ishmael {i}" * (1 + i % 3) for i in range(8)]
+    budgets = [6 + 3 * i for i in range(8)]
+
+    async def one(api: openai.AsyncOpenAI, prompt: str, budget: int) -> list[int]:
+        stream = await api.completions.create(model=NAME, prompt=prompt, max_tokens=budget, stream=True,
+                                              logprobs=0, **GREEDY)  # fmt: skip
+        tokens = []
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].logprobs:
+                tokens += chunk.choices[0].logprobs.tokens
+        return tokens
+
+    async def everyone() -> list[list[str]]:
+        api = openai.AsyncOpenAI(base_url=served.v1, api_key="none", max_retries=0)
+        return await asyncio.gather(*(one(api, p, b) for p, b in zip(prompts, budgets, strict=True)))
+
+    together = asyncio.run(everyone())  # 8 streams, 4 rows: some wait, rows join and leave
+    tokenizer = tiny_tokenizer()
+    for prompt, budget, streamed in zip(prompts, budgets, together, strict=True):
+        expected = alone(model, tokenizer(prompt).input_ids, budget)
+        assert streamed == [tokenizer.decode([t]) for t in expected]
+
+
+def test_a_client_that_goes_away_frees_its_row(served: Served) -> None:
+    cancelled = served.metric("t2r_cancelled_requests_total")
+    body = {"model": NAME, "prompt": "Call me", "max_tokens": 500, "stream": True, "ignore_eos": True}
+    with httpx2.stream("POST", f"{served.v1}/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert served.metric("t2r_active_rows") == 1
+    for _ in range(200):  # closed mid-stream: the row leaves at the next step
+        if served.metric("t2r_active_rows") == 0:
+            break
+        time.sleep(0.05)
+    assert served.metric("t2r_active_rows") == 0
+    assert served.metric("t2r_cancelled_requests_total") == cancelled + 1
+
+
+def test_a_session_over_three_turns_equals_the_whole_conversation_at_once(served: Served) -> None:
+    turns = [[5, 17, 33, 80, 81], [90, 91, 12], [44, 45, 46, 47]]
+    history: list[int] = []
+    api = client(served)
+    for turn in turns:
+        reply = api.completions.create(model=NAME, prompt=turn, max_tokens=7, extra_body={
+            "ignore_eos": True, "return_token_ids": True, "session": "three-turns"}, temperature=0)  # fmt: skip
+        assert reply.usage.prompt_tokens == len(turn)  # only the new turn is prefilled
+        history += turn
+        last = reply.choices[0].token_ids
+        history += last
+    whole = api.completions.create(model=NAME, prompt=history[: -len(last)], max_tokens=7, **GREEDY)
+    assert whole.choices[0].token_ids == last
+
+
+def test_a_chat_session_continues_and_survives_a_restart(model, tmp_path) -> None:
+    first = [{"role": "user", "content": "Call me Ishmael."}]
+    second = [{"role": "user", "content": "Some years ago."}]
+    options = {"max_tokens": 6, "temperature": 0}
+    with serving(model, sessions_dir=tmp_path) as server:
+        api = client(server)
+        api.chat.completions.create(model=NAME, messages=first, extra_body={"session": "s"}, **options)
+        kept = api.chat.completions.create(model=NAME, messages=second, extra_body={"session": "s"}, **options)
+        files = list(tmp_path.glob("*.safetensors"))
+        assert len(files) == 1
+        size = files[0].stat().st_size
+    tokenizer = tiny_tokenizer()
+    continuation = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
+                                                 "content": "y"}, *second], tokenize=False, add_generation_prompt=True)
+    assert kept.usage.prompt_tokens < len(tokenizer(continuation).input_ids)  # the new turn, not the history
+    with serving(model, sessions_dir=tmp_path) as server:  # a restart: the session is read from disk
+        api = client(server)
+        for _ in range(3):
+            api.chat.completions.create(model=NAME, messages=second, extra_body={"session": "s"}, **options)
+        again = api.chat.completions.create(model=NAME, messages=second, extra_body={"session": "s"}, **options)
+        assert again.usage.prompt_tokens == kept.usage.prompt_tokens
+    assert files[0].stat().st_size == size  # five turns later: the same bytes
+    with serving(model, sessions_dir=tmp_path) as server:
+        with pytest.raises(openai.BadRequestError, match="chat"):
+            client(server).completions.create(model=NAME, prompt="x", max_tokens=2, extra_body={"session": "s"})
+
+
+def test_a_prefix_cache_hit_decodes_what_a_miss_decodes(model) -> None:
+    header = "It is a truth universally acknowledged, that a single man"
+    with serving(model, prefix_block=8) as server:
+        api = client(server)
+        miss = api.completions.create(model=NAME, prompt=header + " in want", max_tokens=10, **GREEDY)
+        assert miss.usage.prompt_tokens_details.cached_tokens == 0
+        hit = api.completions.create(model=NAME, prompt=header + " in want", max_tokens=10, **GREEDY)
+        other = api.completions.create(model=NAME, prompt=header + " of a wife", max_tokens=10, **GREEDY)
+    assert hit.usage.prompt_tokens_details.cached_tokens >= 8
+    assert other.usage.prompt_tokens_details.cached_tokens >= 8
+    assert hit.choices[0].token_ids == miss.choices[0].token_ids
+    with serving(model, prefix_block=8) as server:  # the other prompt, cold
+        cold = client(server).completions.create(model=NAME, prompt=header + " of a wife", max_tokens=10, **GREEDY)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].token_ids == other.choices[0].token_ids
+
+
+def test_echo_and_logprobs_score_the_prompt_as_the_model_does(served: Served, model) -> None:
+    ids = tiny_tokenizer()("Call me Ishmael. Some years ago").input_ids
+    reply = client(served).completions.create(model=NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1,
+                                              temperature=0)  # fmt: skip
+    scores = reply.choices[0].logprobs.token_logprobs
+    assert scores[0] is None and len(scores) == len(ids) + 1
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]), form="parallel")
+    expected = torch.log_softmax(logits[0, :-1].double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(scores[1 : len(ids)], dtype=torch.double), expected, atol=1e-4)
+
+
+def post(served: Served, path: str, body: object, **headers: str) -> httpx2.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx2.post(f"{served.v1}/{path}", content=content,
+                       headers={"content-type": "application/json", **headers}, timeout=30)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "JSON"),
+        ({"model": NAME, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": 5}, 400, "prompt"),
+        ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+        ({"model": NAME, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": "x", "max_tokens": 100000}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": ""}, 400, "empty"),
+        ({"model": NAME, "prompt": [[]]}, 400, "empty"),
+        ({"model": NAME, "prompt": [99999]}, 400, "token ids"),
+        ({"model": NAME, "prompt": "x", "temperature": 7}, 400, "temperature"),
+        ({"model": NAME, "prompt": "x" * 3_000_000}, 413, "larger"),
+    ],
+)
+def test_bad_completions_get_openai_errors(served: Served, body: object, status: int, words: str) -> None:
+    response = post(served, "completions", body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and error["type"]
+
+
+def test_bad_chats_get_openai_errors(served: Served) -> None:
+    assert post(served, "chat/completions", {"model": NAME, "messages": []}).status_code == 400
+    bad_role = {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}
+    assert post(served, "chat/completions", bad_role).status_code == 400
+    with pytest.raises(openai.NotFoundError):
+        client(served).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_an_api_key_is_required_when_set(model) -> None:
+    with serving(model, api_key="sesame") as server:
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").models.list()
+        assert post(server, "completions", {"model": NAME, "prompt": "x"}).status_code == 401
+        assert [m.id for m in client(server, "sesame").models.list().data] == [NAME]
+        assert httpx2.get(f"{server.url}/health").status_code == 200  # probes need no key
+
+
+def test_beyond_the_queue_requests_get_429(model) -> None:
+    with serving(model, max_batch=1, max_queue=1, max_tokens_limit=10**6) as server:
+        body = {"model": NAME, "prompt": "Call", "max_tokens": 10**6, "ignore_eos": True, "stream": True}
+        with httpx2.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)
+            queued = threading.Thread(target=post, args=(server, "completions", {**body, "max_tokens": 2}))
+            queued.start()  # waits for the one row
+            for _ in range(100):
+                if server.metric("t2r_queue_length") == 1:
+                    break
+                time.sleep(0.05)
+            assert server.metric("t2r_queue_length") == 1 and server.metric("t2r_active_rows") == 1
+            third = post(server, "completions", {**body, "stream": False})
+            assert third.status_code == 429 and third.json()["error"]["type"] == "rate_limit_error"
+        queued.join(timeout=30)
+        assert not queued.is_alive()
+
+
+def test_a_failing_request_fails_alone(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2r.serving import engine as engine_module
+
+    real = engine_module.segmented_prefill
+
+    def failing(model, ids, *args, **kwargs):
+        if 13 in ids.tolist():
+            raise RuntimeError("injected fault")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "segmented_prefill", failing)
+    with serving(model) as server:
+        body = {"model": NAME, "prompt": "Call", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with httpx2.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as running:
+            lines = running.iter_lines()
+            next(lines)
+            broken = post(server, "completions", {"model": NAME, "prompt": [13, 14], "max_tokens": 3})
+            assert broken.status_code == 500 and "injected fault" in broken.json()["error"]["message"]
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert client(server).completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].finish_reason
