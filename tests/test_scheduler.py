@@ -8,8 +8,9 @@ import torch
 from t2r.inference.generate import generate
 from t2r.inference.sampling import Sampling
 from t2r.inference.scheduler import Request, Scheduler
+from t2r.modeling.fast_decode import FastState
 from tests.conftest import VOCAB
-from tests.test_model import converted, trained_looking_model
+from tests.test_model import converted, state_tensors, trained_looking_model
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +81,77 @@ def test_bad_requests_are_refused() -> None:
         Request(torch.tensor([], dtype=torch.long), 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         Request(torch.tensor([5]), 0)
+
+
+@pytest.mark.parametrize("budget_or_stop", ["length", "stop"])
+def test_a_kept_state_is_the_state_after_the_prompt_and_every_token(model: torch.nn.Module, budget_or_stop) -> None:
+    prompt = prompts(1)[0]
+    expected = generate(model, prompt, 8, Sampling(greedy=True)).new_tokens
+    stop = frozenset({expected[5]}) if budget_or_stop == "stop" else frozenset()
+    kept = Request(prompt, 8, stop_ids=stop, keep_state=True)
+    other = Request(prompts(2)[1], 12)  # a row that goes on after the kept one leaves
+    scheduler = Scheduler(model, max_batch=2)
+    scheduler.submit(kept)
+    scheduler.submit(other)
+    while scheduler.busy:
+        scheduler.step()
+    assert kept.finish == budget_or_stop and kept.final_state is not None
+    fed = torch.cat([prompt, torch.tensor(kept.tokens, dtype=torch.long)])[None]
+    with torch.no_grad():
+        _, reference = model(fed, form="chunked")
+    for mine, theirs in zip(kept.final_state.layers, reference.layers, strict=True):
+        for a, b in zip(state_tensors(mine), state_tensors(theirs), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert int(kept.final_state.seen) == fed.shape[1]
+    assert other.tokens == generate(model, other.prompt, 12, Sampling(greedy=True)).new_tokens
+
+
+def test_logprobs_are_the_model_distribution(model: torch.nn.Module) -> None:
+    prompt = prompts(1)[0]
+    request = Request(prompt, 3, logprobs=2)
+    scheduler = Scheduler(model, max_batch=1)
+    scheduler.submit(request)
+    while scheduler.busy:
+        scheduler.step()
+    with torch.no_grad():
+        logits, _ = model(torch.cat([prompt, torch.tensor(request.tokens)])[None], form="parallel")
+    logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1], -1)
+    for (chosen, top), token, row in zip(request.token_logprobs, request.tokens, logp, strict=True):
+        assert chosen == pytest.approx(float(row[token]), abs=1e-4) and token == max(top, key=top.get)
+        assert len(top) == 2
+
+
+def test_a_failing_request_fails_alone(model: torch.nn.Module) -> None:
+    def broken(token: int) -> None:
+        raise RuntimeError("client bug")
+
+    first, second = prompts(2)
+    failing, fine = Request(first, 6, on_token=broken), Request(second, 6)
+    scheduler = Scheduler(model, max_batch=2)
+    scheduler.submit(failing)
+    scheduler.submit(fine)
+    while scheduler.busy:
+        scheduler.step()
+    assert failing.finish == "error" and "client bug" in str(failing.error)
+    assert fine.tokens == generate(model, second, 6, Sampling(greedy=True)).new_tokens
+
+
+def test_state_slots_are_allocated_once_and_softmax_layers_join_instead() -> None:
+    linear = trained_looking_model(converted("llama", "hedgehog", tie_qk=False, window=5))
+    scheduler = Scheduler(linear, max_batch=3)
+    assert scheduler.slots is not None
+    allocated = scheduler.state_bytes()
+    assert allocated == 3 * FastState.from_model_state(linear.init_state(1)).nbytes()
+    with_softmax = trained_looking_model(converted("llama", "hedgehog", tie_qk=False, window=5, softmax_layers=(1,)))
+    joined = Scheduler(with_softmax, max_batch=3)
+    assert joined.slots is None
+    requests = [Request(p, 7) for p in prompts(4)]
+    for request in requests:
+        joined.submit(request)
+        scheduler.submit(Request(request.prompt, 7))
+    while joined.busy or scheduler.busy:
+        joined.step()
+        scheduler.step()
+        assert scheduler.state_bytes() == allocated
+    for request in requests:
+        assert request.tokens == generate(with_softmax, request.prompt, 7, Sampling(greedy=True)).new_tokens

@@ -141,8 +141,11 @@ def test_a_chat_session_continues_and_survives_a_restart(model, tmp_path) -> Non
         assert len(files) == 1
         size = files[0].stat().st_size
     tokenizer = tiny_tokenizer()
-    continuation = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant",
-                                                 "content": "y"}, *second], tokenize=False, add_generation_prompt=True)
+    continuation = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, *second],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert kept.usage.prompt_tokens < len(tokenizer(continuation).input_ids)  # the new turn, not the history
     with serving(model, sessions_dir=tmp_path) as server:  # a restart: the session is read from disk
         api = client(server)
@@ -271,3 +274,54 @@ def test_a_failing_request_fails_alone(model, monkeypatch: pytest.MonkeyPatch) -
             rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         assert client(server).completions.create(model=NAME, prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+def test_sigterm_drains_the_active_rows_then_exits(converted_folder) -> None:
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "t2r", "serve", str(converted_folder), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx2.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                time.sleep(0.1)
+        name = converted_folder.name
+        body = {"model": name, "prompt": "Call me", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        with httpx2.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            try:  # while it drains: new requests are refused (503, or the socket is closed)
+                late = httpx2.post(f"{url}/v1/completions", json={"model": name, "prompt": "x"}, timeout=5)
+                assert late.status_code == 503
+            except httpx2.TransportError:
+                pass
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 1000
+        assert process.wait(timeout=60) == 0
+        output = process.stdout.read()
+        assert "allocated once" in output
+    finally:
+        process.kill()
+
+
+def test_serve_without_its_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, converted_folder, capsys) -> None:
+    import sys
+
+    from t2r.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    assert main(["serve", str(converted_folder)]) == 2
+    assert "pip install -e '.[serve]'" in capsys.readouterr().err

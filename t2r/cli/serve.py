@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,5 +61,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     server, summary = build_server(args)
     print(summary, file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a no-op
+    # one, so that a drained server exits 0 as a supervisor expects (Ctrl-C still ends with 130).
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    print("t2r serve: drained, stopped", file=sys.stderr)
     del uvicorn

