@@ -325,3 +325,23 @@ def test_serve_without_its_extra_says_how_to_install(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
     assert main(["serve", str(converted_folder)]) == 2
     assert "pip install -e '.[serve]'" in capsys.readouterr().err
+
+
+def test_lm_eval_local_completions_scores_loglikelihood_through_the_server(served: Served, model, tmp_path) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    tiny_tokenizer().save_pretrained(tmp_path)
+    lm = LocalCompletionsAPI(base_url=f"{served.v1}/completions", model=NAME, tokenizer_backend="huggingface",
+                             tokenizer=str(tmp_path), max_retries=1)  # fmt: skip
+    pairs = [("Call me", " Ishmael."), ("It is a truth universally", " acknowledged")]
+    requests = [Instance("loglikelihood", {}, pair, index) for index, pair in enumerate(pairs)]
+    scores = lm.loglikelihood(requests)
+    tokenizer = tiny_tokenizer()
+    for (context, continuation), (score, _) in zip(pairs, scores, strict=True):
+        context_ids = tokenizer(context).input_ids
+        ids = context_ids + tokenizer(continuation, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]), form="parallel")
+        logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert score == pytest.approx(float(logp[len(context_ids) - 1 :].sum()), abs=1e-3)
