@@ -146,7 +146,8 @@ def start_llama(args: argparse.Namespace) -> Server | None:
     log = open(OUT / "llama.cpp.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     eos = 2  # SmolLM2's <|im_end|>... its end-of-text ids, suppressed as t2r's ignore_eos does
-    server = Server("llama.cpp", "llama.cpp", process, port, {"logit_bias": {"0": -100, "1": -100, str(eos): -100}})
+    bias = {"logit_bias": {"0": -100, "1": -100, str(eos): -100}, "extra_body": {"logit_bias_type": "input_ids"}}
+    server = Server("llama.cpp", "llama.cpp", process, port, bias)
     wait_ready(server, f"http://127.0.0.1:{port}/v1/models")
     return server
 
@@ -173,7 +174,7 @@ async def one_request(
     started = last = time.perf_counter()
     extra = dict(server.extra)
     if session is not None:
-        extra = {"extra_body": {**extra.get("extra_body", {}), "session": session}}
+        extra["extra_body"] = {**extra.get("extra_body", {}), "session": session}
     try:
         stream = await api.completions.create(
             model=server.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, **extra
@@ -212,7 +213,9 @@ async def run_level(
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(level)))
-    return outcomes, time.perf_counter() - started
+    wall = time.perf_counter() - started
+    await api.close()
+    return outcomes, wall
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -247,9 +250,17 @@ async def session_ttft(server: Server, history: str, turns: int, max_tokens: int
     times = []
     for turn in range(turns):
         outcome = await one_request(api, server, f" And then, on day {turn}, she said:", max_tokens, session=name)
-        assert outcome.ttft is not None
+        assert outcome.ttft is not None, "a session turn failed"
         times.append(outcome.ttft)
+    await api.close()
     return times
+
+
+async def whole_history(server: Server, prompt: str) -> Outcome:
+    api = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
+    outcome = await one_request(api, server, prompt, 8)
+    await api.close()
+    return outcome
 
 
 def words_for_tokens(tokens: int) -> int:
@@ -307,8 +318,7 @@ def main() -> None:
             "short_history_ttft_s": asyncio.run(session_ttft(t2r, short, 5, 8)),
         }
         for engine in engines:  # no kept state: the whole history again
-            api = openai.AsyncOpenAI(base_url=engine.url, api_key="none", max_retries=0, timeout=3600)
-            outcome = asyncio.run(one_request(api, engine, history + " And then she said:", 8))
+            outcome = asyncio.run(whole_history(engine, history + " And then she said:"))
             results["sessions"][f"{engine.name}_whole_history_ttft_s"] = outcome.ttft
         results["rss_final_bytes"] = {e.name: e.rss() for e in engines}
     finally:

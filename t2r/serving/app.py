@@ -154,27 +154,38 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
             sessions.release(name)
             raise OpenAIError(400, f"session '{name}' cannot be read: {error}", param="session") from error
 
-    async def serve(http: Request, run: Run, shape: Shape, stream: bool, include_usage: bool) -> Response:
+    async def serve(http: Request, run: Run, shape: Shape, stream: bool, include_usage: bool,
+                    session: str | None) -> Response:  # fmt: skip
+        """Start the run and answer: a stream, or the whole response once every choice ended. A
+        session is released once its state is kept (before the client sees the end)."""
         run.start()
         if stream:
-            return StreamingResponse(sse(run, shape, include_usage), media_type="text/event-stream")
+            return StreamingResponse(sse(run, shape, include_usage, session), media_type="text/event-stream")
         watcher = asyncio.create_task(watch_disconnect(http, run))
         try:
             async for update in run.updates():
                 shape.add(update)
         finally:
             watcher.cancel()
+            release(session)
         count_tokens(run)
         return JSONResponse(shape.body(run))
 
-    async def sse(run: Run, shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+    def release(session: str | None) -> None:
+        if session is not None and sessions is not None:
+            sessions.release(session)
+
+    async def sse(run: Run, shape: Shape, include_usage: bool, session: str | None) -> AsyncIterator[str]:
         try:
             for chunk in shape.opening():
                 yield f"data: {json.dumps(chunk)}\n\n"
             async for update in run.updates():
+                if run.ended():
+                    release(session)  # the state is kept: the next turn may come as soon as this ends
                 chunk = shape.chunk(update, run)
                 if chunk is not None:
                     yield f"data: {json.dumps(chunk)}\n\n"
+            release(session)
             if include_usage:
                 yield f"data: {json.dumps(shape.usage_chunk(run))}\n\n"
             yield "data: [DONE]\n\n"
@@ -182,6 +193,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
             yield f"data: {json.dumps(error.body())}\n\n"
         finally:  # normal end, or the client went away (the task is cancelled)
             run.cancel()
+            release(session)
             count_tokens(run)
 
     async def watch_disconnect(http: Request, run: Run) -> None:
@@ -216,9 +228,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                 sessions.release(body.session)  # type: ignore[union-attr]
             raise
         shape = CompletionShape(settings.model_name, tokenizer, body, prompts)
-        return await released(serve(http, run, shape, body.stream, bool(body.stream_options
-                                                                        and body.stream_options.include_usage)),
-                              body.session)  # fmt: skip
+        return await serve(http, run, shape, body.stream, usage_wanted(body), body.session)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
@@ -239,29 +249,9 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                 sessions.release(body.session)  # type: ignore[union-attr]
             raise
         shape = ChatShape(settings.model_name, tokenizer, body)
-        return await released(serve(http, run, shape, body.stream, bool(body.stream_options
-                                                                        and body.stream_options.include_usage)),
-                              body.session)  # fmt: skip
+        return await serve(http, run, shape, body.stream, usage_wanted(body), body.session)
 
-    async def released(response: Any, session: str | None) -> Response:
-        """The response; a session is released when its request has ended (streams: at their end)."""
-        try:
-            result = await response
-        except BaseException:
-            if session is not None:
-                sessions.release(session)  # type: ignore[union-attr]
-            raise
-        if session is not None:
-            if isinstance(result, StreamingResponse):
-                result.background = _release_task(sessions, session)
-            else:
-                sessions.release(session)  # type: ignore[union-attr]
-        return result
+    def usage_wanted(body: Any) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
 
     return app
-
-
-def _release_task(sessions: Any, name: str) -> Any:
-    from starlette.background import BackgroundTask
-
-    return BackgroundTask(sessions.release, name)

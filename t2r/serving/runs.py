@@ -109,10 +109,14 @@ class Run:
     def cached_tokens(self) -> int:
         return sum(c.job.cached_tokens for c in self.choices[:: max(1, len(self.choices) // len(self.prompts))])
 
+    def ended(self) -> bool:
+        """Every choice's job has ended in the engine (a session's state is kept by then)."""
+        return getattr(self, "running", None) == 0
+
     async def updates(self) -> AsyncIterator[Update]:
         """Until every choice has ended. A choice that failed raises OpenAIError (500)."""
-        running = len(self.choices)
-        while running:
+        self.running = len(self.choices)
+        while self.running:
             index, kind, payload = await self.events.get()
             choice = self.choices[index]
             if kind == "token":
@@ -129,7 +133,7 @@ class Run:
                 yield Update(index, text, new)
                 continue
             finish, error = payload
-            running -= 1
+            self.running -= 1
             if finish == "error":
                 raise OpenAIError(500, f"decoding failed: {error}", kind="server_error")
             if choice.finish is None:
