@@ -62,15 +62,49 @@ def tiny_config(family: str):
             bos_token_id=1,
             eos_token_id=2,
         )
+    if family in MORE_FAMILIES:
+        return more_family_config(family, common)
     raise ValueError(family)
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+# Llama-shaped families with their own differences (tests/test_families.py): q/k norms per head
+# (qwen3) or over all heads with post-norms (olmo2), NoPE layers (smollm3), multipliers (granite),
+# fused q/k/v and partial rotary (phi3), scaled embeddings and (1 + w) norms (gemma).
+MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma")
+
+
+def more_family_config(family: str, common: dict):
+    import transformers
+
+    shared = dict(
+        **common, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    if family == "qwen3":
+        return transformers.Qwen3Config(**shared, head_dim=16)
+    if family == "olmo2":
+        return transformers.Olmo2Config(**shared)
+    if family == "smollm3":
+        return transformers.SmolLM3Config(**shared, no_rope_layers=[1, 0])  # layer 1 has no positions
+    if family == "granite":
+        return transformers.GraniteConfig(
+            **shared, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0
+        )
+    if family == "phi3":
+        return transformers.Phi3Config(**shared, partial_rotary_factor=0.5, original_max_position_embeddings=8192)
+    return transformers.GemmaConfig(**shared, head_dim=16)
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+    if family in MORE_FAMILIES:  # norms initialised to the identity would hide a norm left out
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -74,7 +74,7 @@ def softmax_logits_through_adapter(model: torch.nn.Module, input_ids: torch.Tens
             q, k, v = adapter.project(attention, x, rotary)
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=adapter.softmax_scale(attention))
             return adapter.output(attention, out.transpose(1, 2).flatten(2))
 
         hidden = adapter.block(layer, hidden, attend)
@@ -322,7 +322,7 @@ def test_unsupported_architecture_is_refused() -> None:
     opt = AutoModelForCausalLM.from_config(
         OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
     )
-    with pytest.raises(UsageError, match="not supported; supported: gpt2, gpt_neox, llama, mistral, qwen2"):
+    with pytest.raises(UsageError, match="not supported; supported: gemma, gpt2, gpt_neox"):
         convert(copy.deepcopy(opt), T2RConfig())
 
 

@@ -345,3 +345,28 @@ def test_lm_eval_local_completions_scores_loglikelihood_through_the_server(serve
             logits, _ = model(torch.tensor([ids]), form="parallel")
         logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
         assert score == pytest.approx(float(logp[len(context_ids) - 1 :].sum()), abs=1e-3)
+
+
+def test_stop_strings_end_the_text_before_them(served: Served) -> None:
+    api = client(served)
+    free = api.completions.create(model=NAME, prompt="Call me Ishmael.", max_tokens=24, **GREEDY).choices[0].text
+    assert len(free) > 6, free
+    stop = free[3:6]
+    whole = api.completions.create(model=NAME, prompt="Call me Ishmael.", max_tokens=24, stop=[stop], **GREEDY)
+    assert whole.choices[0].text == free[: free.index(stop)] and whole.choices[0].finish_reason == "stop"
+    streamed = api.completions.create(model=NAME, prompt="Call me Ishmael.", max_tokens=24, stop=stop, stream=True,
+                                      **GREEDY)  # fmt: skip
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_choices_are_seeded_draws(served: Served) -> None:
+    api = client(served)
+    options = {"model": NAME, "prompt": ["Call me", "It is"], "max_tokens": 8, "n": 2, "seed": 7,
+               "temperature": 1.0, "extra_body": {"ignore_eos": True, "return_token_ids": True}}  # fmt: skip
+    first, again = api.completions.create(**options), api.completions.create(**options)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.token_ids for c in first.choices] == [c.token_ids for c in again.choices]  # seeded: reproducible
+    assert first.choices[0].token_ids != first.choices[1].token_ids  # each choice its own draw
+    assert first.usage.completion_tokens == 32

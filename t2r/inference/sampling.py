@@ -37,6 +37,8 @@ def chooser(sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         scores = warpers(None, logits.float())
-        return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+        # drawn on the CPU, where the seeded generator lives, whatever the model's device
+        drawn = torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator)[:, 0]
+        return drawn.to(logits.device)
 
     return choose

@@ -139,7 +139,7 @@ class LinearAttention(nn.Module):
         None for the tokens' own.
         """
         q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
-        q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary)
+        q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary, self.projections)
         q_features, k_features = self.feature_inputs(q, k, q_raw, k_raw)
         phi_q = self.query_features(q_features)  # [B, H, T, F]
         if self.window == 0:
@@ -167,7 +167,7 @@ class LinearAttention(nn.Module):
         """q_raw [B, H, T, D] rotated by sink_rotary, or None (the ops then use q itself)."""
         if sink_rotary is None or not self.sinks:
             return None
-        return self.adapter.apply_rotary(q_raw, k_raw, sink_rotary)[0]
+        return self.adapter.apply_rotary(q_raw, k_raw, sink_rotary, self.projections)[0]
 
 
 class SoftmaxAttention(nn.Module):

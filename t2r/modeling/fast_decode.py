@@ -300,7 +300,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
                 out, state.layers[index] = attention(x, rotary, mask, layer_state, "recurrent")
                 return out
             q_raw, k_raw, v = adapter.project_heads(attention.projections, x)  # [B, H|G, 1, D]
-            q, k = adapter.apply_rotary(q_raw, k_raw, rotary)
+            q, k = adapter.apply_rotary(q_raw, k_raw, rotary, attention.projections)
             q_features, k_features = attention.feature_inputs(q, k, q_raw, k_raw)
             if isinstance(layer_state, RingWindow):
                 sink_q = attention.sink_queries(q_raw, k_raw, sink_rotary)

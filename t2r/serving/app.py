@@ -149,7 +149,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         if not sessions.claim(name):
             raise OpenAIError(409, f"session '{name}' is answering another request", param="session")
         try:
-            return sessions.get(name)
+            return sessions.get(name, engine.model.device)
         except Exception as error:
             sessions.release(name)
             raise OpenAIError(400, f"session '{name}' cannot be read: {error}", param="session") from error

@@ -60,8 +60,11 @@ class Adapter:
         """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], before positions are applied."""
         raise NotImplementedError
 
-    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply rotary positions to q and k (identity for a family without them)."""
+    def apply_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, rotary: Any, attention: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply rotary positions to q and k (identity for a family without them). `attention`: the
+        teacher's attention module of the layer (a family may leave some layers without positions)."""
         return q, k
 
     def project(
@@ -69,7 +72,7 @@ class Adapter:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [B, T, E] -> q [B, H, T, D], k and v [B, H_kv, T, D], positions applied."""
         q, k, v = self.project_heads(attention, hidden)
-        q, k = self.apply_rotary(q, k, rotary)
+        q, k = self.apply_rotary(q, k, rotary, attention)
         return q, k, v
 
     def context_length(self, config: Any) -> int | None:

@@ -39,7 +39,7 @@ class GPTNeoXAdapter(Adapter):
         qkv = qkv.view(*hidden.shape[:-1], -1, 3 * attention.head_size).transpose(1, 2)
         return qkv.chunk(3, dim=-1)
 
-    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any):
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any, attention: nn.Module | None = None):
         cos, sin = rotary
         return apply_rotary_pos_emb(q, k, cos, sin)
 

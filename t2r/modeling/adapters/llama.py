@@ -1,4 +1,16 @@
-"""Llama family: Llama, SmolLM2, Mistral, Qwen2 (RoPE on q and k before phi, GQA)."""
+"""The Llama-shaped decoders: one adapter for every family whose attention is q/k/v/o projections
+with rotary positions passed in and whose block is a norm-attention-norm-MLP residual pair.
+
+What differs between them is small and read off the teacher's own modules and config, never guessed:
+- Qwen3: RMS norms on each head of q and k (`q_norm`/`k_norm` over head_dim) before positions;
+- OLMo 2: RMS norms on the whole q and k projections (over H * D), and norms *after* attention and
+  MLP (`post_feedforward_layernorm`, no input norm);
+- SmolLM3: layers without positions (`use_rope` False on their attention: NoPE);
+- Granite: multipliers on the embeddings, the residual branches and the logits, and its own
+  attention scale (`attention.scaling`, which the softmax parts read);
+- Phi-3: q, k and v fused in one `qkv_proj` (q first, then k, then v), rotary on part of each head;
+- Gemma: embeddings scaled by sqrt(hidden) inside the embedding module itself, (1 + w) norms.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +25,11 @@ from t2r.modeling.adapters.base import Adapter, Attend, HeadShape
 
 class LlamaAdapter(Adapter):
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
-    lora_targets = ("projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.o_proj")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma")
+    lora_targets = (
+        "projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.qkv_proj",
+        "projections.o_proj",
+    )  # fmt: skip
 
     def head_shape(self, config: Any) -> HeadShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -28,28 +43,56 @@ class LlamaAdapter(Adapter):
         return "self_attn"
 
     def embed(self, model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return model.model.embed_tokens(input_ids)
+        hidden = model.model.embed_tokens(input_ids)
+        multiplier = getattr(model.config, "embedding_multiplier", None)  # Granite
+        return hidden * multiplier if multiplier is not None else hidden
 
     def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
         return model.model.rotary_emb(hidden, positions)  # (cos, sin), each [B, T, D]
 
     def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         shape = (*hidden.shape[:-1], -1, attention.head_dim)
-        q = attention.q_proj(hidden).view(shape).transpose(1, 2)
-        k = attention.k_proj(hidden).view(shape).transpose(1, 2)
-        v = attention.v_proj(hidden).view(shape).transpose(1, 2)
-        return q, k, v
+        if hasattr(attention, "qkv_proj"):  # Phi-3: [q | k | v] in one projection
+            q_size = attention.config.num_attention_heads * attention.head_dim
+            kv_size = attention.num_key_value_heads * attention.head_dim
+            q, k, v = attention.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)
+        q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+        if q_norm is not None and q_norm.weight.shape[0] != attention.head_dim:  # OLMo 2: over all heads
+            q, k = q_norm(q), k_norm(k)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        if q_norm is not None and q_norm.weight.shape[0] == attention.head_dim:  # Qwen3: per head
+            q, k = q_norm(q), k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any):
+    def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any, attention: nn.Module | None = None):
+        if attention is not None and not getattr(attention, "use_rope", True):  # SmolLM3's NoPE layers
+            return q, k
         cos, sin = rotary
-        return apply_rotary_pos_emb(q, k, cos, sin)
+        rotary_dim = cos.shape[-1]
+        if rotary_dim == q.shape[-1]:
+            return apply_rotary_pos_emb(q, k, cos, sin)
+        # partial rotary (Phi-3's partial_rotary_factor): the first rotary_dim of each head turn
+        q_turned, k_turned = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+        return torch.cat([q_turned, q[..., rotary_dim:]], -1), torch.cat([k_turned, k[..., rotary_dim:]], -1)
 
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         return attention.o_proj(heads_out)
 
     def block(self, layer: nn.Module, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
-        hidden = hidden + attend(layer.input_layernorm(hidden))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if hasattr(layer, "post_feedforward_layernorm"):  # OLMo 2: norms after each branch
+            hidden = hidden + layer.post_attention_layernorm(attend(hidden))
+            return hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
+        scale = getattr(layer, "residual_multiplier", None)  # Granite
+
+        def scaled(x: torch.Tensor) -> torch.Tensor:
+            return x * scale if scale is not None else x
+
+        hidden = hidden + scaled(attend(layer.input_layernorm(hidden)))
+        return hidden + scaled(layer.mlp(layer.post_attention_layernorm(hidden)))
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.model.norm(hidden))
+        logits = model.lm_head(model.model.norm(hidden))
+        scaling = getattr(model.config, "logits_scaling", None)  # Granite
+        return logits / scaling if scaling is not None else logits

@@ -1,0 +1,68 @@
+"""More Llama-shaped families through the one decoder adapter, each with the four checks: every layer
+kept as softmax is the teacher, the three forms agree, the fast step is the reference step, and int8
+/ int4 decoding follows it. A family the adapter does not know is refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2r.modeling.fast_decode import fast_step
+from t2r.modeling.quantize import with_weights
+from tests.conftest import MORE_FAMILIES, VOCAB, tiny_model
+from tests.test_fast_decode import BF16_TOLERANCE, assert_fast_path_matches_reference
+from tests.test_model import (
+    assert_prefill_then_decode_equals_full_forward,
+    converted,
+    softmax_logits_through_adapter,
+    trained_looking_model,
+)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+@torch.no_grad()
+def test_every_layer_kept_as_softmax_is_the_teacher(family: str) -> None:
+    teacher = tiny_model(family)
+    ids = torch.randint(3, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
+    expected = teacher(ids).logits
+    assert (softmax_logits_through_adapter(teacher, ids) - expected).abs().max() <= 1e-5
+    everything = converted(family, softmax_layers=(0, 1))
+    assert (everything(ids)[0] - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+@torch.no_grad()
+def test_the_three_forms_agree(family: str, window: int) -> None:
+    model = trained_looking_model(converted(family, "hedgehog", tie_qk=False, window=window))
+    assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_the_fast_step_is_the_reference_step(family: str) -> None:
+    model = trained_looking_model(converted(family, "hedgehog", tie_qk=False, window=5))
+    assert_fast_path_matches_reference(model, fast_step)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_quantized_decoding_follows_the_reference(family: str, weights: str) -> None:
+    torch.manual_seed(0)
+    model = trained_looking_model(converted(family, "hedgehog", tie_qk=False, window=5))
+    assert_fast_path_matches_reference(with_weights(model, weights), fast_step, tolerance=BF16_TOLERANCE)
+
+
+def test_a_family_the_adapter_does_not_know_is_refused_in_one_line(tmp_path, capsys) -> None:
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from t2r.cli import main
+    from tests.conftest import tiny_tokenizer
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=128)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
+    capsys.readouterr()  # the save's own progress bar
+    assert main(["convert", "--model", str(tmp_path / "teacher"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'gemma2' is not supported" in error[0]
