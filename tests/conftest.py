@@ -70,8 +70,10 @@ def tiny_config(family: str):
 FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 # Llama-shaped families with their own differences (tests/test_families.py): q/k norms per head
 # (qwen3) or over all heads with post-norms (olmo2), NoPE layers (smollm3), multipliers (granite),
-# fused q/k/v and partial rotary (phi3), scaled embeddings and (1 + w) norms (gemma).
-MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma")
+# fused q/k/v and partial rotary (phi3), scaled embeddings and (1 + w) norms (gemma), sandwich
+# norms, a local layer with a window of 8 shorter than the tests' sequences and its own rotary,
+# a query scalar and capped logits (gemma3_text).
+MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma", "gemma3_text")
 
 
 def more_family_config(family: str, common: dict):
@@ -93,7 +95,12 @@ def more_family_config(family: str, common: dict):
         )
     if family == "phi3":
         return transformers.Phi3Config(**shared, partial_rotary_factor=0.5, original_max_position_embeddings=8192)
-    return transformers.GemmaConfig(**shared, head_dim=16)
+    if family == "gemma":
+        return transformers.GemmaConfig(**shared, head_dim=16)
+    return transformers.Gemma3TextConfig(
+        **shared, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+    )  # fmt: skip
 
 
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:

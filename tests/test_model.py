@@ -74,7 +74,12 @@ def softmax_logits_through_adapter(model: torch.nn.Module, input_ids: torch.Tens
             q, k, v = adapter.project(attention, x, rotary)
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=adapter.softmax_scale(attention))
+            slots = torch.arange(q.shape[2])
+            allowed = slots[None, :] <= slots[:, None]
+            window = adapter.sliding_window(attention)
+            if window is not None:  # the teacher's local layers
+                allowed = allowed & (slots[None, :] > slots[:, None] - window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=adapter.softmax_scale(attention))
             return adapter.output(attention, out.transpose(1, 2).flatten(2))
 
         hidden = adapter.block(layer, hidden, attend)

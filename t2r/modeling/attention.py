@@ -214,6 +214,9 @@ class SoftmaxAttention(nn.Module):
         # Causal and real keys only; a query always sees its own slot, so a padded query has a
         # finite (unused) output instead of a softmax over nothing.
         allowed = ((key_slot <= query_slot) & cache.valid[:, None, None, :]) | (key_slot == query_slot)
+        window = self.adapter.sliding_window(self.projections)
+        if window is not None:  # the teacher's own sliding-window layer (Mistral, Gemma 3's local layers)
+            allowed = allowed & (key_slot > query_slot - window)
         heads = self.shape.query_heads
         out = F.scaled_dot_product_attention(
             q,

@@ -83,6 +83,10 @@ class Adapter:
         """The teacher's factor on q . k before its softmax."""
         return float(attention.scaling)
 
+    def sliding_window(self, attention: nn.Module) -> int | None:
+        """The teacher's attention window of this layer, in tokens (None: it sees every token)."""
+        return None
+
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         """[B, T, H * D] -> [B, T, E]: the output projection (and its dropout)."""
         raise NotImplementedError

@@ -9,7 +9,11 @@ What differs between them is small and read off the teacher's own modules and co
 - Granite: multipliers on the embeddings, the residual branches and the logits, and its own
   attention scale (`attention.scaling`, which the softmax parts read);
 - Phi-3: q, k and v fused in one `qkv_proj` (q first, then k, then v), rotary on part of each head;
-- Gemma: embeddings scaled by sqrt(hidden) inside the embedding module itself, (1 + w) norms.
+- Gemma: embeddings scaled by sqrt(hidden) inside the embedding module itself, (1 + w) norms;
+- Gemma 3: per-head q/k norms, a norm before and after each branch, `query_pre_attn_scalar` as the
+  attention scale, and local (sliding-window) layers whose rotary turns at its own rate.
+Kept as softmax, a teacher's sliding-window layer keeps its window (`sliding_window`). Attention
+soft-capping (Gemma 2) is not reproduced: such a family stays refused.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from t2r.modeling.adapters.base import Adapter, Attend, HeadShape
 
 class LlamaAdapter(Adapter):
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma")
+    model_types = (
+        "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma", "gemma3_text",
+    )  # fmt: skip
     lora_targets = (
         "projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.qkv_proj",
         "projections.o_proj",
@@ -48,7 +54,10 @@ class LlamaAdapter(Adapter):
         return hidden * multiplier if multiplier is not None else hidden
 
     def rotary(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
-        return model.model.rotary_emb(hidden, positions)  # (cos, sin), each [B, T, D]
+        rotary_emb = model.model.rotary_emb
+        if hasattr(rotary_emb, "layer_types"):  # Gemma 3: local and global layers turn at their own rates
+            return {kind: rotary_emb(hidden, positions, kind) for kind in rotary_emb.layer_types}
+        return rotary_emb(hidden, positions)  # (cos, sin), each [B, T, D]
 
     def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         shape = (*hidden.shape[:-1], -1, attention.head_dim)
@@ -69,6 +78,9 @@ class LlamaAdapter(Adapter):
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any, attention: nn.Module | None = None):
         if attention is not None and not getattr(attention, "use_rope", True):  # SmolLM3's NoPE layers
             return q, k
+        if isinstance(rotary, dict):  # per layer type (Gemma 3)
+            assert attention is not None
+            rotary = rotary[attention.layer_type]
         cos, sin = rotary
         rotary_dim = cos.shape[-1]
         if rotary_dim == q.shape[-1]:
@@ -77,10 +89,18 @@ class LlamaAdapter(Adapter):
         q_turned, k_turned = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
         return torch.cat([q_turned, q[..., rotary_dim:]], -1), torch.cat([k_turned, k[..., rotary_dim:]], -1)
 
+    def sliding_window(self, attention: nn.Module) -> int | None:
+        if hasattr(attention, "sliding_window"):  # set per layer (Qwen2/3, Gemma 3: None on global layers)
+            return attention.sliding_window
+        return getattr(attention.config, "sliding_window", None) if attention.config.model_type == "mistral" else None
+
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         return attention.o_proj(heads_out)
 
     def block(self, layer: nn.Module, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: a norm before and after each branch
+            hidden = hidden + layer.post_attention_layernorm(attend(layer.input_layernorm(hidden)))
+            return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
         if hasattr(layer, "post_feedforward_layernorm"):  # OLMo 2: norms after each branch
             hidden = hidden + layer.post_attention_layernorm(attend(hidden))
             return hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
@@ -95,4 +115,6 @@ class LlamaAdapter(Adapter):
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         logits = model.lm_head(model.model.norm(hidden))
         scaling = getattr(model.config, "logits_scaling", None)  # Granite
-        return logits / scaling if scaling is not None else logits
+        logits = logits / scaling if scaling is not None else logits
+        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3 (when set)
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
