@@ -327,7 +327,7 @@ def test_unsupported_architecture_is_refused() -> None:
     opt = AutoModelForCausalLM.from_config(
         OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
     )
-    with pytest.raises(UsageError, match="not supported; supported: gemma, gpt2, gpt_neox"):
+    with pytest.raises(UsageError, match="not supported; supported: gemma, gemma3_text, gpt2, gpt_neox"):
         convert(copy.deepcopy(opt), T2RConfig())
 
 
