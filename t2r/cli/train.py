@@ -71,6 +71,10 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     add("--keep", type=positive_int, default=defaults.keep, help="checkpoints to keep")
     add("--eval-blocks", type=positive_int, default=defaults.eval_blocks, help="held-out blocks per validation")
     add("--seed", type=int, default=defaults.seed, help="seeds data order, split, feature maps and LoRA")
+    add("--loss-chunk", type=non_negative_int, default=defaults.loss_chunk,
+        help="positions whose logits exist at once in the loss (0: the whole [batch, seq, vocab])")  # fmt: skip
+    add("--no-share-weights", dest="share_weights", action="store_false",
+        help="give the student its own copy of the teacher's frozen weights (more memory)")  # fmt: skip
     add("--resume", action="store_true", help="continue from the last complete checkpoint")
     add(
         "--from-scratch",
@@ -83,6 +87,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     names = [
         "transfer_steps", "finetune_steps", "batch_size", "grad_accum", "seq_len", "lr_transfer", "lr_finetune",
         "ce_weight", "distill_weight", "temperature", "lora_rank", "checkpoint_every", "keep", "eval_blocks", "seed",
+        "loss_chunk", "share_weights",
     ]  # fmt: skip
     return TrainConfig(**{name: getattr(args, name) for name in names}, full=args.full or args.from_scratch)
 

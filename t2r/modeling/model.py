@@ -89,12 +89,14 @@ class T2RForCausalLM(nn.Module):
         state: ModelState | None = None,
         form: str = "chunked",
         logits_to_keep: int = 0,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor, ModelState]:
         """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; left or right padding).
 
         Returns logits [B, T, V] (only the last `logits_to_keep` positions when > 0: a long prefill
         needs one row, not T x V) and the state after these tokens. `form` picks the attention
-        computation (parallel / chunked / recurrent); all give the same result.
+        computation (parallel / chunked / recurrent); all give the same result. return_hidden: the
+        last block's output [B, T, E] instead of logits (a loss can then make logits chunk by chunk).
         """
         batch, _ = input_ids.shape
         if state is None:
@@ -118,8 +120,10 @@ class T2RForCausalLM(nn.Module):
             hidden = self.adapter.block(layer, hidden, attend)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.adapter.head(self.base, hidden)
-        return logits, ModelState(tuple(next_layers), state.seen + mask.sum(1))
+        next_state = ModelState(tuple(next_layers), state.seen + mask.sum(1))
+        if return_hidden:  # the last block's output; `adapter.head` makes logits of any part of it
+            return hidden, next_state
+        return self.adapter.head(self.base, hidden), next_state
 
     def step(
         self, input_ids: torch.Tensor, state: ModelState, mask: torch.Tensor | None = None

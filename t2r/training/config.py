@@ -36,6 +36,10 @@ class TrainConfig:
     keep: int = 2
     eval_blocks: int = 16
     seed: int = 0
+    # Memory: the distillation and CE losses are made this many positions at a time (0: the whole
+    # [B, T, V] logits at once), and the student shares the teacher's frozen tensors.
+    loss_chunk: int = 256
+    share_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:

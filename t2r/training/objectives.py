@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import SoftmaxAttention
@@ -76,38 +77,93 @@ class AttentionTransfer(nn.Module):
 
 
 class Finetune(nn.Module):
-    """ce_weight * CE(next token) + distill_weight * T^2 * KL(teacher_T || student_T)."""
+    """ce_weight * CE(next token) + distill_weight * T^2 * KL(teacher_T || student_T).
 
-    def __init__(self, student: T2RForCausalLM, ce_weight: float, distill_weight: float, temperature: float) -> None:
+    With `chunk` > 0 (what `t2r train` does) no [B, T, V] tensor exists: the student hands over its
+    last hidden states, the teacher its normed ones, and logits, log-softmaxes and both losses are
+    made `chunk` positions at a time under activation checkpointing, so backward recomputes one
+    chunk's logits at a time too (the Liger-kernel idea, in plain PyTorch). The loss and gradients
+    are those of the whole-tensor form (chunk 0), tested.
+    """
+
+    def __init__(
+        self,
+        student: T2RForCausalLM,
+        ce_weight: float,
+        distill_weight: float,
+        temperature: float,
+        chunk: int = 0,
+        teacher_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.ce_weight = ce_weight
         self.distill_weight = distill_weight
         self.temperature = temperature
+        self.chunk = chunk
+        self.teacher_logits = teacher_logits  # normed teacher hidden [N, E] -> logits [N, V] (chunk > 0)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         ce_rows: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        teacher_out: torch.Tensor | None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """input_ids, attention_mask [B, T]; ce_rows [B] bool (rows whose tokens may be CE targets);
-        teacher_logits [B, T, V] or None."""
-        logits, _ = self.student(input_ids, attention_mask, form="chunked")
+        teacher_out: the teacher's logits [B, T, V] (chunk 0) or its normed hidden states [B, T, E]."""
         scored = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()  # [B, T-1]
-        loss = logits.new_zeros(())
+        ce_mask = (scored & ce_rows[:, None])[scored]  # [N]: which scored positions are CE targets
+        targets = input_ids[:, 1:][scored]  # [N]
+        distill = self.distill_weight > 0 and teacher_out is not None
+        if self.chunk > 0:
+            hidden, _ = self.student(input_ids, attention_mask, form="chunked", return_hidden=True)
+            hidden = hidden[:, :-1][scored]  # [N, E]
+            teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
+            ce_sum, kl_sum = hidden.new_zeros(()), hidden.new_zeros(())
+            for start in range(0, len(hidden), self.chunk):
+                part = slice(start, start + self.chunk)
+                ce_part, kl_part = checkpoint(
+                    self._chunk_losses, hidden[part], None if teacher is None else teacher[part], targets[part],
+                    ce_mask[part], use_reentrant=False,
+                )  # fmt: skip
+                ce_sum, kl_sum = ce_sum + ce_part, kl_sum + kl_part
+        else:
+            logits, _ = self.student(input_ids, attention_mask, form="chunked")
+            teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
+            ce_sum, kl_sum = self._losses(logits[:, :-1][scored], teacher, targets, ce_mask)
+        loss = ce_sum.new_zeros(())
         parts: dict[str, float] = {}
-        ce_mask = scored & ce_rows[:, None]
         if self.ce_weight > 0 and ce_mask.any():
-            ce = F.cross_entropy(logits[:, :-1][ce_mask], input_ids[:, 1:][ce_mask])
+            ce = ce_sum / ce_mask.sum()
             loss = loss + self.ce_weight * ce
             parts["ce"] = ce.item()
-        if self.distill_weight > 0 and teacher_logits is not None:
-            t = self.temperature
-            student_log_probs = (logits[:, :-1][scored] / t).log_softmax(-1)
-            teacher_log_probs = (teacher_logits[:, :-1][scored] / t).log_softmax(-1)
-            kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-            loss = loss + self.distill_weight * t * t * kl
+        if distill:
+            kl = kl_sum / max(1, len(targets))  # KL summed over the vocabulary, averaged over positions
+            loss = loss + self.distill_weight * self.temperature**2 * kl
             parts["kl"] = kl.item()
         return loss, parts
+
+    def _chunk_losses(self, hidden: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor,
+                      ce_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        logits = self.student.adapter.head(self.student.base, hidden)
+        teacher_logits = None
+        if teacher is not None:
+            assert self.teacher_logits is not None
+            with torch.no_grad():
+                teacher_logits = self.teacher_logits(teacher)
+        return self._losses(logits, teacher_logits, targets, ce_mask)
+
+    def _losses(self, logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
+                ce_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Sums over positions: logits, teacher_logits [N, V] -> (CE summed over ce_mask, KL summed)."""
+        ce_sum = logits.new_zeros(())
+        if self.ce_weight > 0 and ce_mask.any():
+            ce_sum = F.cross_entropy(logits[ce_mask], targets[ce_mask], reduction="sum")
+        kl_sum = logits.new_zeros(())
+        if teacher_logits is not None:
+            t = self.temperature
+            student_log_probs = (logits / t).log_softmax(-1)
+            teacher_log_probs = (teacher_logits / t).log_softmax(-1)
+            kl_sum = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
+        return ce_sum, kl_sum

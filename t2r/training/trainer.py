@@ -39,6 +39,7 @@ from t2r.training.data import TrainingData
 from t2r.training.lora import add_lora, has_lora, merge_lora
 from t2r.training.objectives import AttentionTransfer, Finetune, record_attention
 from t2r.training.provenance import git_commit, versions
+from t2r.training.sharing import share_frozen_weights
 
 STAGES = ("transfer", "finetune")
 
@@ -95,6 +96,8 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.accelerator.is_available())
         self.student = student
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
+        if config.share_weights and not config.full:  # --full trains every weight: nothing to share
+            self.shared_bytes = share_frozen_weights(student, self.teacher)
         self.data = data
         self.config = config
         self.out = out
@@ -182,7 +185,10 @@ class Trainer:
         if resume and manifest_path.is_file():
             saved = json.loads(manifest_path.read_text())
             for key in ("train_config", "t2r_config", "data", "processes"):
-                if saved.get(key) != manifest[key]:
+                mine = manifest[key]
+                if key == "train_config" and isinstance(saved.get(key), dict):  # settings newer than the run
+                    mine = {name: value for name, value in mine.items() if name in saved[key]}
+                if saved.get(key) != mine:
                     raise UsageError(f"--resume: this run's {key.replace('_', ' ')} differs from the saved run's")
             manifest["resumes"] = saved.get("resumes", 0) + 1
         if self.accelerator.is_main_process:
@@ -226,7 +232,11 @@ class Trainer:
             objective: nn.Module = AttentionTransfer(self.student)
             lr = config.lr_transfer
         else:
-            objective = Finetune(self.student, config.ce_weight, config.distill_weight, config.temperature)
+            teacher, adapter = self.teacher, self.student.adapter
+            objective = Finetune(
+                self.student, config.ce_weight, config.distill_weight, config.temperature, config.loss_chunk,
+                lambda normed: adapter.logits(teacher, normed),
+            )  # fmt: skip
             lr = config.lr_finetune
         parameters = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
@@ -285,17 +295,19 @@ class Trainer:
                 if stage == "transfer":
                     with record_attention(self.teacher, self.student.adapter) as records:
                         self.teacher(input_ids=ids, attention_mask=mask)
+                elif config.distill_weight == 0:
+                    teacher_out = None
+                elif config.loss_chunk > 0:  # normed hidden states: the loss makes logits chunk by chunk
+                    teacher_out = self.teacher.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
                 else:
-                    teacher_logits = (
-                        self.teacher(input_ids=ids, attention_mask=mask).logits if config.distill_weight > 0 else None
-                    )
+                    teacher_out = self.teacher(input_ids=ids, attention_mask=mask).logits
             context = accelerator.no_sync(objective) if not syncing else contextlib.nullcontext()
             with context:
                 if stage == "transfer":
                     loss, per_layer = objective(records, mask)
                     parts["worst_layer"] = int(per_layer.argmax())
                 else:
-                    loss, more = objective(ids, mask, rows, teacher_logits)
+                    loss, more = objective(ids, mask, rows, teacher_out)
                     for key, value in more.items():
                         parts[key] = parts.get(key, 0.0) + value / config.grad_accum
                 self.check_finite(loss, stage, step)

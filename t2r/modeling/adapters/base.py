@@ -97,7 +97,15 @@ class Adapter:
 
     def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [B, T, E] -> logits [B, T, V]."""
+        return self.logits(model, self.final_norm(model, hidden))
+
+    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The norm after the last block: [B, T, E] -> [B, T, E] (what the teacher's base model returns)."""
         raise NotImplementedError
+
+    def logits(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head (and the family's own scaling of logits): normed [B, T, E] -> [B, T, V]."""
+        return model.lm_head(normed)
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_name())

@@ -50,5 +50,5 @@ class GPT2Adapter(Adapter):
         hidden = hidden + attend(layer.ln_1(hidden))
         return hidden + layer.mlp(layer.ln_2(hidden))
 
-    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.transformer.ln_f(hidden))
+    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.transformer.ln_f(hidden)

@@ -54,5 +54,5 @@ class GPTNeoXAdapter(Adapter):
         hidden = hidden + attn_out
         return hidden + layer.post_mlp_dropout(layer.mlp(layer.post_attention_layernorm(hidden)))
 
-    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(model.gpt_neox.final_layer_norm(hidden))
+    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.gpt_neox.final_layer_norm(hidden)

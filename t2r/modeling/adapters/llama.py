@@ -112,8 +112,11 @@ class LlamaAdapter(Adapter):
         hidden = hidden + scaled(attend(layer.input_layernorm(hidden)))
         return hidden + scaled(layer.mlp(layer.post_attention_layernorm(hidden)))
 
-    def head(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        logits = model.lm_head(model.model.norm(hidden))
+    def final_norm(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.model.norm(hidden)
+
+    def logits(self, model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(normed)
         scaling = getattr(model.config, "logits_scaling", None)  # Granite
         logits = logits / scaling if scaling is not None else logits
         cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3 (when set)

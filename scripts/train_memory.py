@@ -1,0 +1,89 @@
+"""Peak memory of `t2r train` on the default recipe: before (whole [batch, seq, vocab] logits, the
+student with its own copy of every weight) and after (chunked losses, shared frozen tensors).
+
+    python scripts/train_memory.py [--model smollm2-135m] [--teacher ...] [--steps 3] [--rounds 1]
+
+Each setting runs `t2r train` in a child process of its own (peak RSS = the child's ru_maxrss) on
+the default recipe's shape (batch 4 x 512 tokens, the window-64 hybrid, LoRA-8), --steps
+steps of each stage, the two settings alternating for --rounds rounds. Writes
+benchmarks/train_memory.json and the BENCHMARKS.md section "train-memory".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from t2r.evaluation.markdown import replace_section  # noqa: E402
+
+SETTINGS = {
+    "before": ["--loss-chunk", "0", "--no-share-weights"],
+    "after": [],
+}
+CHILD = (
+    "import json, resource, sys, time; from t2r.cli import main; started = time.perf_counter(); "
+    "code = main(sys.argv[1:]); "
+    "print('T2R_PEAK ' + json.dumps({'code': code, 'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+    " * 1024, 'seconds': time.perf_counter() - started}))"
+)
+
+
+def run(setting: str, args: argparse.Namespace, folder: Path) -> dict:
+    out = folder / f"{setting}-{len(list(folder.iterdir()))}"
+    command = [sys.executable, "-c", CHILD, "train", "--model", args.model, "--out", str(out),
+               "--transfer-steps", str(args.steps), "--finetune-steps", str(args.steps), "--eval-blocks", "2",
+               *(["--teacher", args.teacher] if args.teacher else []), *SETTINGS[setting]]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("T2R_PEAK ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{setting}: t2r train failed:\n{done.stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("T2R_PEAK "))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result["finetune_losses"] = [m["loss"] for m in metrics if m.get("stage") == "finetune" and "loss" in m]
+    print(setting, json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--teacher")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train_memory.json")
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(args.rounds):
+            for setting in SETTINGS:
+                results[setting].append(run(setting, args, Path(folder)))
+    peak = {name: max(r["peak_bytes"] for r in rows) for name, rows in results.items()}
+    record = {"model": args.model, "steps": args.steps, "rounds": args.rounds, "runs": results, "peak_bytes": peak,
+              "ratio": peak["after"] / peak["before"]}  # fmt: skip
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    losses = {name: rows[0]["finetune_losses"] for name, rows in results.items()}
+    body = "\n".join([
+        f"`python scripts/train_memory.py --model {args.model} --steps {args.steps} --rounds {args.rounds}` — "
+        "`t2r train` on the default recipe's shape (batch 4 x 512, window-64 hybrid, LoRA-8), "
+        f"{args.steps} steps of each stage, each setting in its own child process; peak RSS (ru_maxrss).",
+        "",
+        "| setting | peak RSS | fine-tuning losses |",
+        "|---|---:|---|",
+        *(f"| {name} (`{' '.join(SETTINGS[name]) or 'defaults'}`) | {peak[name] / 2**30:.2f} GiB | "
+          f"{', '.join(f'{x:.4f}' for x in losses[name])} |" for name in SETTINGS),
+        "",
+        f"- **after / before: {record['ratio']:.2f}** (bar <= 0.60: {'met' if record['ratio'] <= 0.6 else 'not met'}).",
+    ])  # fmt: skip
+    replace_section(ROOT / "BENCHMARKS.md", "train-memory", body, "Training memory: chunked losses, shared weights")
+    print(json.dumps(record["peak_bytes"]), record["ratio"])
+
+
+if __name__ == "__main__":
+    main()
