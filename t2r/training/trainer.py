@@ -343,7 +343,8 @@ class Trainer:
     def validate(self, stage: str, steps: int) -> EvalResult:
         blocks = self.data.valid[: self.config.eval_blocks].to(self.accelerator.device)
         self.student.eval()
-        result = evaluate_blocks(self.student, blocks, self.teacher, batch_size=max(1, self.config.batch_size))
+        # one block at a time: validation's [batch, seq, vocab] logits would otherwise set the run's peak memory
+        result = evaluate_blocks(self.student, blocks, self.teacher, batch_size=1)
         self.log({"stage": stage, "step": steps - 1, "validation": result.to_dict()})
         return result
 
