@@ -1,18 +1,22 @@
-"""Peak memory of `t2r train` on the default recipe: before (whole [batch, seq, vocab] logits, the
-student with its own copy of every weight) and after (chunked losses, shared frozen tensors).
+"""Peak memory of `t2r train` on the default recipe: before (the code at --before, a commit
+before the memory work: whole [batch, seq, vocab] logits in the loss and in validation, the student
+with its own copy of every weight), after (this checkout's defaults: chunked losses, shared frozen
+tensors, validation one block at a time), and this checkout with the old loss and no sharing.
 
-    python scripts/train_memory.py [--model smollm2-135m] [--teacher ...] [--steps 3] [--rounds 1]
+    python scripts/train_memory.py [--model smollm2-135m] [--before c6be34b] [--steps 3] [--rounds 1]
 
 Each setting runs `t2r train` in a child process of its own (peak RSS = the child's ru_maxrss) on
-the default recipe's shape (batch 4 x 512 tokens, the window-64 hybrid, LoRA-8), --steps
-steps of each stage, the two settings alternating for --rounds rounds. Writes
-benchmarks/train_memory.json and the BENCHMARKS.md section "train-memory".
+the default recipe's shape (batch 4 x 512 tokens, the window-64 hybrid, LoRA-8), --steps steps of
+each stage, the settings alternating for --rounds rounds; "before" runs from a git worktree of
+--before with this checkout's virtual environment. Writes benchmarks/train_memory.json and the
+BENCHMARKS.md section "train-memory".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 from t2r.evaluation.markdown import replace_section  # noqa: E402
 
 SETTINGS = {
-    "before": ["--loss-chunk", "0", "--no-share-weights"],
+    "before": [],  # run from the --before worktree
     "after": [],
+    "after, old loss, no sharing": ["--loss-chunk", "0", "--no-share-weights"],
 }
 CHILD = (
     "import json, resource, sys, time; from t2r.cli import main; started = time.perf_counter(); "
@@ -35,12 +40,13 @@ CHILD = (
 )
 
 
-def run(setting: str, args: argparse.Namespace, folder: Path) -> dict:
-    out = folder / f"{setting}-{len(list(folder.iterdir()))}"
+def run(setting: str, args: argparse.Namespace, folder: Path, code: Path) -> dict:
+    out = folder / f"run-{len(list(folder.iterdir()))}"
     command = [sys.executable, "-c", CHILD, "train", "--model", args.model, "--out", str(out),
                "--transfer-steps", str(args.steps), "--finetune-steps", str(args.steps), "--eval-blocks", "2",
                *(["--teacher", args.teacher] if args.teacher else []), *SETTINGS[setting]]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    environment = {**os.environ, "PYTHONPATH": str(code)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=code, env=environment)
     lines = [line for line in done.stdout.splitlines() if line.startswith("T2R_PEAK ")]
     if done.returncode or not lines:
         raise SystemExit(f"{setting}: t2r train failed:\n{done.stderr[-3000:]}")
@@ -55,17 +61,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--teacher")
+    parser.add_argument("--before", default="c6be34b", help="the commit whose t2r train is 'before'")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train_memory.json")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     with tempfile.TemporaryDirectory() as folder:
-        for _ in range(args.rounds):
-            for setting in SETTINGS:
-                results[setting].append(run(setting, args, Path(folder)))
+        before = Path(folder) / "before-code"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True)
+        runs = Path(folder) / "runs"
+        runs.mkdir()
+        try:
+            for _ in range(args.rounds):
+                for setting in SETTINGS:
+                    results[setting].append(run(setting, args, runs, before if setting == "before" else ROOT))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
     peak = {name: max(r["peak_bytes"] for r in rows) for name, rows in results.items()}
-    record = {"model": args.model, "steps": args.steps, "rounds": args.rounds, "runs": results, "peak_bytes": peak,
+    record = {"model": args.model, "before": args.before, "steps": args.steps, "rounds": args.rounds,
+              "runs": results, "peak_bytes": peak,
               "ratio": peak["after"] / peak["before"]}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     losses = {name: rows[0]["finetune_losses"] for name, rows in results.items()}
@@ -76,7 +91,8 @@ def main() -> None:
         "",
         "| setting | peak RSS | fine-tuning losses |",
         "|---|---:|---|",
-        *(f"| {name} (`{' '.join(SETTINGS[name]) or 'defaults'}`) | {peak[name] / 2**30:.2f} GiB | "
+        *(f"| {name} (`{' '.join(SETTINGS[name]) or ('commit ' + args.before if name == 'before' else 'defaults')}`) "
+          f"| {peak[name] / 2**30:.2f} GiB | "
           f"{', '.join(f'{x:.4f}' for x in losses[name])} |" for name in SETTINGS),
         "",
         f"- **after / before: {record['ratio']:.2f}** (bar <= 0.60: {'met' if record['ratio'] <= 0.6 else 'not met'}).",
