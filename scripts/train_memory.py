@@ -33,10 +33,10 @@ SETTINGS = {
     "after, old loss, no sharing": ["--loss-chunk", "0", "--no-share-weights"],
 }
 CHILD = (
-    "import json, resource, sys, time; from t2r.cli import main; started = time.perf_counter(); "
+    "import json, resource, sys, time, t2r; from t2r.cli import main; started = time.perf_counter(); "
     "code = main(sys.argv[1:]); "
-    "print('T2R_PEAK ' + json.dumps({'code': code, 'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
-    " * 1024, 'seconds': time.perf_counter() - started}))"
+    "print('T2R_PEAK ' + json.dumps({'exit': code, 'peak_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+    " * 1024, 'seconds': time.perf_counter() - started, 't2r': t2r.__file__}))"
 )
 
 
