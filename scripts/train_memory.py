@@ -51,6 +51,8 @@ def run(setting: str, args: argparse.Namespace, folder: Path, code: Path) -> dic
     if done.returncode or not lines:
         raise SystemExit(f"{setting}: t2r train failed:\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1].removeprefix("T2R_PEAK "))
+    if result["exit"] != 0:
+        raise SystemExit(f"{setting}: t2r train exited with {result['exit']}:\n{done.stderr[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result["finetune_losses"] = [m["loss"] for m in metrics if m.get("stage") == "finetune" and "loss" in m]
     print(setting, json.dumps(result), file=sys.stderr, flush=True)
