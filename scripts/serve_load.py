@@ -128,21 +128,11 @@ def start_llama(args: argparse.Namespace) -> Server | None:
     assert spec is not None and spec.origin is not None
     gguf = next(Path(spec.origin).parent.rglob("*.gguf"))
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(gguf),
-        "--port",
-        str(port),
-        "--n_threads",
-        str(args.threads),
-        "--n_ctx",
-        str(args.long_history + 512),
-        "--model_alias",
-        "llama.cpp",
-    ]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+               "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+               "--n_ctx", str(args.long_history + 512), "--model_alias", "llama.cpp",
+               # queue concurrent requests: by default a new request interrupts the running stream
+               "--interrupt_requests", "False"]  # fmt: skip
     log = open(OUT / "llama.cpp.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     eos = 2  # SmolLM2's <|im_end|>... its end-of-text ids, suppressed as t2r's ignore_eos does
@@ -225,7 +215,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summarise(outcomes: list[Outcome], wall: float) -> dict:
+def summarise(outcomes: list[Outcome], wall: float, max_tokens: int) -> dict:
     ttfts = [o.ttft for o in outcomes if o.ttft is not None]
     gaps = [g for o in outcomes for g in o.gaps]
     tokens = sum(o.tokens for o in outcomes)
@@ -303,7 +293,7 @@ def main() -> None:
                 print(f"{engine.name}: {args.requests} requests, {level} concurrent", file=sys.stderr, flush=True)
                 hook = count_t2r if engine is t2r else None
                 outcomes, wall = asyncio.run(run_level(engine, level, texts, args.max_tokens, hook))
-                row = summarise(outcomes, wall)
+                row = summarise(outcomes, wall, args.max_tokens)
                 results["levels"].setdefault(str(level), {})[engine.name] = row
                 print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
         top = max(args.levels)

@@ -55,15 +55,15 @@ def section(results: dict) -> str:
         f"process with {settings['threads']} threads; engines alternate level by level. Plot: "
         "[benchmarks/serve/load.png](benchmarks/serve/load.png), figures: benchmarks/serve/load.json.",
         "",
-        "| clients | engine | tokens/s (aggregate) | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | failed |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| clients | engine | tokens/s (aggregate) | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | failed | cut short |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in levels:
         for engine, row in sorted(results["levels"][level].items()):
             lines.append(
                 f"| {level} | {engine} | {row['tokens_per_s']:.1f} | {row['ttft_p50_s']:.2f} s | "
                 f"{row['ttft_p99_s']:.2f} s | {row['itl_p50_s'] * 1000:.0f} ms | {row['itl_p99_s'] * 1000:.0f} ms | "
-                f"{row['failed']} |"
+                f"{row['failed']} | {row.get('incomplete', 0)} |"
             )
     t2r = {level: results["levels"][level]["t2r"]["tokens_per_s"] for level in levels}
     low, high = levels[0], levels[-1]
