@@ -155,3 +155,25 @@ def test_state_slots_are_allocated_once_and_softmax_layers_join_instead() -> Non
         assert scheduler.state_bytes() == allocated
     for request in requests:
         assert request.tokens == generate(with_softmax, request.prompt, 7, Sampling(greedy=True)).new_tokens
+
+
+def test_a_wave_of_arrivals_is_prefilled_in_one_forward(model: torch.nn.Module, monkeypatch) -> None:
+    calls = []
+    forward = type(model).forward
+
+    def counted(self, input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return forward(self, input_ids, *args, **kwargs)
+
+    requests = [Request(p, 6) for p in prompts(5)]
+    scheduler = Scheduler(model, max_batch=8)
+    for request in requests:
+        scheduler.submit(request)
+    monkeypatch.setattr(type(model), "forward", counted)
+    scheduler.step()
+    monkeypatch.undo()
+    assert calls == [(5, max(len(r.prompt) for r in requests))]  # one left-padded forward for all five
+    while scheduler.busy:
+        scheduler.step()
+    for request in requests:
+        assert request.tokens == generate(model, request.prompt, 6, Sampling(greedy=True)).new_tokens

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from t2r.inference.generate import left_padded
 from t2r.inference.sampling import Sampling, chooser
 from t2r.inference.state_slots import StateSlots
 from t2r.modeling.fast_decode import FastState, fast_step
@@ -89,11 +90,17 @@ class Scheduler:
     """The active rows' state and next-token logits [B, V], and the queue of waiting requests."""
 
     def __init__(
-        self, model: T2RForCausalLM, max_batch: int, step: Step = fast_step, prefill: Prefill = plain_prefill
+        self,
+        model: T2RForCausalLM,
+        max_batch: int,
+        step: Step = fast_step,
+        prefill: Prefill = plain_prefill,
+        batchable: Callable[[Request], bool] = lambda request: request.start_state is None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.model, self.max_batch, self.decode, self.prefill = model, max_batch, step, prefill
+        self.batchable = batchable  # requests that may be prefilled together (left-padded) instead
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.logits: torch.Tensor | None = None
@@ -206,19 +213,42 @@ class Scheduler:
         self.logits = self.logits[rows] if rows else None
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
+        """Prefill the waiting requests that fit: those `batchable` says may share one left-padded
+        forward do (a wave of arrivals costs one batched prefill, not one per request), the rest
+        go through `prefill` one by one."""
+        admitted: list[Request] = []
+        while self.waiting and len(self.active) + len(admitted) < self.max_batch:
             request = self.waiting.popleft()
-            if request.finish is not None:
+            if request.finish is None:
+                admitted.append(request)
+        together = [r for r in admitted if self.batchable(r)] if len(admitted) > 1 else []
+        if len(together) > 1:
+            try:
+                ids, mask = left_padded([r.prompt for r in together])
+                logits, state = self.model(ids.to(self.model.device), mask.to(self.model.device), form="chunked",
+                                           logits_to_keep=1)  # fmt: skip
+                fresh = FastState.from_model_state(state)
+                for row, request in enumerate(together):
+                    index = torch.tensor([row], device=fresh.seen.device)
+                    self._join(request, logits[row : row + 1, -1], fresh.select(index))
+            except Exception as error:
+                for request in together:
+                    request.fail(error)
+        for request in admitted:
+            if request in together and len(together) > 1:
                 continue
             try:
                 logits, state = self.prefill(self.model, request)
             except Exception as error:
                 request.fail(error)
                 continue
-            fresh = FastState.from_model_state(state)
-            if self.slots is not None:
-                self.slots.add(fresh)
-            else:
-                self._joined = fresh if self._joined is None else FastState.join([self._joined, fresh])
-            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-            self.active.append(request)
+            self._join(request, logits, FastState.from_model_state(state))
+
+    def _join(self, request: Request, logits: torch.Tensor, fresh: FastState) -> None:
+        """A prefilled request (logits [1, V], its one-row state) takes the next row."""
+        if self.slots is not None:
+            self.slots.add(fresh)
+        else:
+            self._joined = fresh if self._joined is None else FastState.join([self._joined, fresh])
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.active.append(request)

@@ -68,7 +68,7 @@ class Engine:
     ) -> None:
         self.model, self.metrics = model, metrics
         self.prefix_cache, self.prefix_block, self.sessions = prefix_cache, prefix_block, sessions
-        self.scheduler = Scheduler(model, max_batch, step, prefill=self._prefill)
+        self.scheduler = Scheduler(model, max_batch, step, prefill=self._prefill, batchable=self._batchable)
         self._jobs: dict[Request, Job] = {}  # the decode thread's only
         self._outstanding = 0  # jobs submitted and not yet ended (any thread, under the lock)
         self._lock = threading.Lock()
@@ -160,6 +160,13 @@ class Engine:
             if request.finish == "cancelled":
                 self.metrics.cancelled.inc()
             job.post("done", (request.finish, request.error))
+
+    def _batchable(self, request: Request) -> bool:
+        """A prompt with no prefix-state boundary inside it (shorter than a block), no session and no
+        scoring: it never meets the prefix cache, so it may be prefilled with others at once."""
+        job = self._jobs[request]
+        short = self.prefix_cache is None or self.prefix_block == 0 or len(request.prompt) <= self.prefix_block
+        return request.start_state is None and job.score_prompt is None and short
 
     def _prefill(self, model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
         job = self._jobs[request]
