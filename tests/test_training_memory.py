@@ -36,7 +36,7 @@ def test_the_chunked_loss_is_the_whole_tensor_loss(family: str) -> None:
     (whole, whole_parts, whole_grads), (chunked, chunked_parts, chunked_grads) = results
     assert whole_grads and whole_grads.keys() == chunked_grads.keys()
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
-    assert chunked_parts == pytest.approx(whole_parts, rel=1e-5)
+    assert chunked_parts == pytest.approx(whole_parts, rel=1e-4, abs=1e-7)
     for name, grad in whole_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
