@@ -97,7 +97,8 @@ def section(results: dict) -> str:
             f"(bar ≤ 1.2x: {'met' if long / short <= 1.2 else 'not met'}). Without a kept state the whole "
             "history is sent again: "
             + ", ".join(
-                f"{k.removesuffix('_whole_history_ttft_s')} {v:.2f} s"
+                f"{k.removesuffix('_whole_history_ttft_s')} "
+                + (f"{v:.2f} s" if v is not None else "failed (history past its context)")
                 for k, v in sessions.items()
                 if k.endswith("whole_history_ttft_s")
             )
