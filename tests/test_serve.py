@@ -370,3 +370,13 @@ def test_n_choices_are_seeded_draws(served: Served) -> None:
     assert [c.token_ids for c in first.choices] == [c.token_ids for c in again.choices]  # seeded: reproducible
     assert first.choices[0].token_ids != first.choices[1].token_ids  # each choice its own draw
     assert first.usage.completion_tokens == 32
+
+
+def test_a_sessions_dir_that_cannot_be_made_is_one_line(converted_folder, tmp_path, capsys) -> None:
+    from t2r.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["serve", str(converted_folder), "--sessions-dir", str(blocker / "sessions")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("t2r: error: --sessions-dir")

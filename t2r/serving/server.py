@@ -36,9 +36,14 @@ class DrainingServer(uvicorn.Server):
 
 def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metrics, name: str) -> tuple[Engine, Any]:
     prefix = PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb and args.prefix_block else None
-    sessions = (
-        SessionStore(args.session_cache_mb * 2**20, args.sessions_dir, model_id=name) if args.session_cache_mb else None
-    )
+    try:
+        sessions = (
+            SessionStore(args.session_cache_mb * 2**20, args.sessions_dir, model_id=name)
+            if args.session_cache_mb
+            else None
+        )
+    except OSError as error:  # a --sessions-dir that cannot be made or written
+        raise UsageError(f"--sessions-dir {args.sessions_dir}: {error.strerror or error}") from None
     decoder = Decoder(compile=args.compile)
     engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions)
     return engine, sessions
