@@ -1,7 +1,8 @@
 """Peak memory of `t2r train` on the default recipe: before (the code at --before, a commit
 before the memory work: whole [batch, seq, vocab] logits in the loss and in validation, the student
 with its own copy of every weight), after (this checkout's defaults: chunked losses, shared frozen
-tensors, validation one block at a time), and this checkout with the old loss and no sharing.
+tensors, each layer recomputed in backward, validation one block at a time), this checkout with the
+old loss and no sharing, and this checkout keeping every layer's activations (no recomputation).
 
     python scripts/train_memory.py [--model smollm2-135m] [--before c6be34b] [--steps 3] [--rounds 1]
 
@@ -31,6 +32,7 @@ SETTINGS = {
     "before": [],  # run from the --before worktree
     "after": [],
     "after, old loss, no sharing": ["--loss-chunk", "0", "--no-share-weights"],
+    "after, layers kept for backward": ["--no-checkpoint-layers"],
 }
 CHILD = (
     "import json, resource, sys, time, t2r; from t2r.cli import main; started = time.perf_counter(); "

@@ -72,8 +72,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 # (qwen3) or over all heads with post-norms (olmo2), NoPE layers (smollm3), multipliers (granite),
 # fused q/k/v and partial rotary (phi3), scaled embeddings and (1 + w) norms (gemma), sandwich
 # norms, a local layer with a window of 8 shorter than the tests' sequences and its own rotary,
-# a query scalar and capped logits (gemma3_text).
-MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma", "gemma3_text")
+# a query scalar and capped logits (gemma3_text), the same with soft-capped attention scores and no
+# q/k norms (gemma2: a cap of 0.02, near the tiny model's typical score, so that it bends them).
+MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma", "gemma2", "gemma3_text")
 
 
 def more_family_config(family: str, common: dict):
@@ -97,6 +98,12 @@ def more_family_config(family: str, common: dict):
         return transformers.Phi3Config(**shared, partial_rotary_factor=0.5, original_max_position_embeddings=8192)
     if family == "gemma":
         return transformers.GemmaConfig(**shared, head_dim=16)
+    if family == "gemma2":  # eager: the teacher's own soft-capping runs only in its eager attention
+        return transformers.Gemma2Config(
+            **shared, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=24, attn_logit_softcapping=0.02, final_logit_softcapping=30.0,
+            attn_implementation="eager",
+        )  # fmt: skip
     return transformers.Gemma3TextConfig(
         **shared, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=24, final_logit_softcapping=30.0,

@@ -53,16 +53,16 @@ def test_quantized_decoding_follows_the_reference(family: str, weights: str) -> 
 
 
 def test_a_family_the_adapter_does_not_know_is_refused_in_one_line(tmp_path, capsys) -> None:
-    from transformers import AutoModelForCausalLM, Gemma2Config
+    from transformers import AutoModelForCausalLM, BloomConfig
 
     from t2r.cli import main
     from tests.conftest import tiny_tokenizer
 
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, intermediate_size=128)  # fmt: skip
+    # BLOOM: ALiBi biases instead of positions, a fused per-head query_key_value: not Llama-shaped.
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "teacher")
     tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     capsys.readouterr()  # the save's own progress bar
     assert main(["convert", "--model", str(tmp_path / "teacher"), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "'gemma2' is not supported" in error[0]
+    assert len(error) == 1 and "'bloom' is not supported" in error[0]

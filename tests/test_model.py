@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from t2r.hub import load_converted, save_converted
 from t2r.modeling.adapters import adapter_for
@@ -79,7 +78,10 @@ def softmax_logits_through_adapter(model: torch.nn.Module, input_ids: torch.Tens
             window = adapter.sliding_window(attention)
             if window is not None:  # the teacher's local layers
                 allowed = allowed & (slots[None, :] > slots[:, None] - window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=adapter.softmax_scale(attention))
+            scores = q @ k.transpose(-1, -2) * adapter.softmax_scale(attention)
+            cap = adapter.softcap(attention)
+            scores = scores if cap is None else torch.tanh(scores / cap) * cap  # Gemma 2
+            out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
             return adapter.output(attention, out.transpose(1, 2).flatten(2))
 
         hidden = adapter.block(layer, hidden, attend)
@@ -320,15 +322,13 @@ def test_gradients_flow_to_feature_maps_through_chunked_form() -> None:
 
 
 def test_unsupported_architecture_is_refused() -> None:
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
     from t2r.errors import UsageError
 
-    opt = AutoModelForCausalLM.from_config(
-        OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
-    )
-    with pytest.raises(UsageError, match="not supported; supported: gemma, gemma3_text, gpt2, gpt_neox"):
-        convert(copy.deepcopy(opt), T2RConfig())
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(UsageError, match="'bloom' is not supported; supported: gemma, gemma2, gemma3_text, gpt2"):
+        convert(copy.deepcopy(bloom), T2RConfig())
 
 
 def test_interrupted_save_leaves_nothing_that_loads(tmp_path: Path) -> None:

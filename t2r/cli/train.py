@@ -75,6 +75,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         help="positions whose logits exist at once in the loss (0: the whole [batch, seq, vocab])")  # fmt: skip
     add("--no-share-weights", dest="share_weights", action="store_false",
         help="give the student its own copy of the teacher's frozen weights (more memory)")  # fmt: skip
+    add("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false",
+        help="keep every layer's activations for backward, not recompute them (more memory, faster)")  # fmt: skip
     add("--resume", action="store_true", help="continue from the last complete checkpoint")
     add(
         "--from-scratch",
@@ -87,7 +89,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     names = [
         "transfer_steps", "finetune_steps", "batch_size", "grad_accum", "seq_len", "lr_transfer", "lr_finetune",
         "ce_weight", "distill_weight", "temperature", "lora_rank", "checkpoint_every", "keep", "eval_blocks", "seed",
-        "loss_chunk", "share_weights",
+        "loss_chunk", "share_weights", "checkpoint_layers",
     ]  # fmt: skip
     return TrainConfig(**{name: getattr(args, name) for name in names}, full=args.full or args.from_scratch)
 

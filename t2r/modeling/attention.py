@@ -20,7 +20,7 @@ from t2r.modeling.adapters.base import Adapter, HeadShape
 from t2r.modeling.feature_maps import FeatureMap, map_query_heads
 from t2r.ops.dispatch import attention_op
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState
-from t2r.ops.windowed import repeat_heads
+from t2r.ops.windowed import capped, repeat_heads
 
 
 class LinearAttention(nn.Module):
@@ -159,6 +159,7 @@ class LinearAttention(nn.Module):
                 eps=self.eps,
                 decay=self.decay_per_head(),
                 sink_queries=self.sink_queries(q_raw, k_raw, sink_rotary),
+                softcap=self.adapter.softcap(self.projections),
             )  # fmt: skip
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.adapter.output(self.projections, out), next_state
@@ -218,12 +219,12 @@ class SoftmaxAttention(nn.Module):
         if window is not None:  # the teacher's own sliding-window layer (Mistral, Gemma 3's local layers)
             allowed = allowed & (key_slot > query_slot - window)
         heads = self.shape.query_heads
-        out = F.scaled_dot_product_attention(
-            q,
-            repeat_heads(cache.keys, heads).to(q.dtype),
-            repeat_heads(cache.values, heads).to(q.dtype),
-            attn_mask=allowed,
-            scale=self.adapter.softmax_scale(self.projections),
-        )
+        keys, values = repeat_heads(cache.keys, heads).to(q.dtype), repeat_heads(cache.values, heads).to(q.dtype)
+        scale, softcap = self.adapter.softmax_scale(self.projections), self.adapter.softcap(self.projections)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+        else:  # soft-capped scores (Gemma 2): no fused kernel takes them, so the scores are made here
+            scores = capped(torch.einsum("bhtd,bhsd->bhts", q, keys) * scale, softcap)
+            out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ values
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.adapter.output(self.projections, out), cache

@@ -21,6 +21,7 @@ import torch
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState
+from t2r.ops.windowed import capped
 
 
 @dataclass
@@ -258,6 +259,7 @@ def _hybrid_step(
         scores = torch.cat([sink_scores, window_scores], dim=-1) * scale  # [B, G, groups, S + W]
     else:
         scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale
+    scores = capped(scores, attention.adapter.softcap(attention.projections))
     scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
     window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)

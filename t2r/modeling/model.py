@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
@@ -90,6 +91,7 @@ class T2RForCausalLM(nn.Module):
         form: str = "chunked",
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        checkpoint_layers: bool = False,
     ) -> tuple[torch.Tensor, ModelState]:
         """input_ids [B, T], attention_mask [B, T] (1 real, 0 pad; left or right padding).
 
@@ -97,6 +99,8 @@ class T2RForCausalLM(nn.Module):
         needs one row, not T x V) and the state after these tokens. `form` picks the attention
         computation (parallel / chunked / recurrent); all give the same result. return_hidden: the
         last block's output [B, T, E] instead of logits (a loss can then make logits chunk by chunk).
+        checkpoint_layers (training): each block's activations are recomputed in backward instead of
+        kept, so one block's exist at a time; the returned state then has no autograd history.
         """
         batch, _ = input_ids.shape
         if state is None:
@@ -108,16 +112,21 @@ class T2RForCausalLM(nn.Module):
         hidden = self.adapter.embed(self.base, input_ids, positions)
         rotary = self.adapter.rotary(self.base, hidden, positions)
         sink_rotary = self.sink_rotary(hidden, positions)
-        next_layers = []
-        for layer, layer_state in zip(self.adapter.layers(self.base), state.layers, strict=True):
+        layers = self.adapter.layers(self.base)
+        next_layers: list[Any] = [None] * len(layers)
+        recompute = checkpoint_layers and torch.is_grad_enabled()
+        for index, (layer, layer_state) in enumerate(zip(layers, state.layers, strict=True)):
             attention = self.adapter.attention(layer)
 
-            def attend(x: torch.Tensor, attention=attention, layer_state=layer_state) -> torch.Tensor:
+            def attend(x: torch.Tensor, attention=attention, layer_state=layer_state, index=index) -> torch.Tensor:
                 out, next_state = attention(x, rotary, mask, layer_state, form, sink_rotary)
-                next_layers.append(next_state)
+                next_layers[index] = next_state  # set again (same values) when backward recomputes the block
                 return out
 
-            hidden = self.adapter.block(layer, hidden, attend)
+            if recompute:
+                hidden = checkpoint(self.adapter.block, layer, hidden, attend, use_reentrant=False)
+            else:
+                hidden = self.adapter.block(layer, hidden, attend)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         next_state = ModelState(tuple(next_layers), state.seen + mask.sum(1))

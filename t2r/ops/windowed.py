@@ -5,11 +5,12 @@ For a query at position t, keys at t-W+1 .. t (the window, the query's own token
 weighted by softmax scores and every older key by linear-attention scores, in one normalised sum
 (LoLCATs, Zhang et al. 2024):
 
-    a_s = exp(q_t . k_s * scale - m_t)        s in the window or a sink, m_t = max over those
+    a_s = exp(cap(q_t . k_s * scale) - m_t)   s in the window or a sink, m_t = max over those
     l_s = phi(q_t) . phi(k_s)                 s older than the window (and the linear state)
     out_t = (g * sum a_s v_s + (1 - g) * sum l_s v_s) / (g * sum a_s + (1 - g) * sum l_s + eps)
 
-with a learned share g per head. With a decay lambda per head (`decay`, None = 1), the linear
+with a learned share g per head; cap(x) = x, or c * tanh(x / c) with `softcap` c (Gemma 2's
+attention soft-capping). With a decay lambda per head (`decay`, None = 1), the linear
 part forgets: key s counts lambda^(t - W - s) for the query at t, so it weighs 1 as it leaves the
 window and its weight halves every half-life after that; the linear state's total mass is then
 bounded (at most 1 / (1 - lambda) keys' worth) at any length, as it is in training, instead of
@@ -27,7 +28,7 @@ the linear state of everything older: its size never grows. All forms here and i
 `windowed_chunked` share
 
     op(q, k, v, phi_q, linear_keys, valid, initial_state, *, feature_map_k, window_share, scale, eps,
-       decay, sink_queries) -> (out, final_state)
+       decay, sink_queries, softcap) -> (out, final_state)
 
 q [B, H, T, D] and k, v [B, G, T, D] are what the softmax sees (positions applied; G kv heads, H a
 multiple of G); phi_q [B, H, T, F] and linear_keys [B, G, T, D] are what the linear part sees;
@@ -51,6 +52,11 @@ from t2r.ops.reference import no_tokens
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 
 FeatureMapFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention soft-capping (Gemma 2): c * tanh(scores / c), or the scores themselves."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -195,6 +201,7 @@ def windowed_attention(
     eps: float = 1e-6,
     decay: torch.Tensor | None = None,
     sink_queries: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Parallel (quadratic) form over the window slots of the state followed by the T new tokens.
 
@@ -219,9 +226,10 @@ def windowed_attention(
     in_window = key_slot > query_slot - window
     key_ok = all_valid[:, None, None, :]  # [B, 1, 1, S]
 
-    scores = torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale
+    scores = capped(torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale, softcap)
     sink_q = q if sink_queries is None else sink_queries
     sink_scores = torch.einsum("bhtd,bhsd->bhts", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
+    sink_scores = capped(sink_scores, softcap)
     sink_ok = sinks.visible(torch.arange(length, device=q.device))[:, None]  # [B, 1, T, S]
     soft, soft_sink = softmax_with_sinks(scores, causal & in_window & key_ok, sink_scores, sink_ok)
     lin = torch.einsum("bhtf,bhsf->bhts", phi_q.float(), repeat_heads(phi_k, heads)) * (causal & ~in_window)
@@ -272,6 +280,7 @@ def windowed_attention_step(
     eps: float = 1e-6,
     decay: torch.Tensor | None = None,
     sink_queries: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """One token: q [B, H, D], k, v, linear_keys [B, G, D], phi_q [B, H, F], valid [B].
 
@@ -300,9 +309,10 @@ def windowed_attention_step(
     )
 
     values_h = repeat_heads(values, heads).float()  # [B, H, W, D]
-    scores = torch.einsum("bhd,bhwd->bhw", q.float(), repeat_heads(keys, heads).float()) * scale
+    scores = capped(torch.einsum("bhd,bhwd->bhw", q.float(), repeat_heads(keys, heads).float()) * scale, softcap)
     sink_q = q if sink_queries is None else sink_queries
     sink_scores = torch.einsum("bhd,bhsd->bhs", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
+    sink_scores = capped(sink_scores, softcap)
     soft, soft_sink = softmax_with_sinks(scores, window_valid[:, None, :], sink_scores, sinks.valid[:, None, :])
     sink_values = repeat_heads(sinks.values, heads).float()
     qf = phi_q.float()

@@ -21,6 +21,7 @@ from t2r.ops.reference import no_tokens
 from t2r.ops.state import HybridAttentionState
 from t2r.ops.windowed import (
     FeatureMapFn,
+    capped,
     combine,
     decay_powers,
     decayed_final_linear,
@@ -53,6 +54,7 @@ def chunked_windowed_attention(
     decay: torch.Tensor | None = None,
     chunk_size: int = 64,
     sink_queries: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Shapes as in `ops.windowed.windowed_attention`; returns out [B, H, T, D] and the final state."""
     state = initial_state
@@ -122,9 +124,10 @@ def chunked_windowed_attention(
     in_window = (slot > c) & (slot <= c + window)  # [C, C + W]
     older = slot <= c
 
-    scores = torch.einsum("bhncd,bhnsd->bhncs", qc, local_keys) * scale
+    scores = capped(torch.einsum("bhncd,bhnsd->bhncs", qc, local_keys) * scale, softcap)
     sink_qc = qc if sink_queries is None else per_chunk(sink_queries)
     sink_scores = torch.einsum("bhncd,bhsd->bhncs", sink_qc, repeat_heads(sinks.keys, heads).float()) * scale
+    sink_scores = capped(sink_scores, softcap)
     query_index = torch.arange(chunks * size, device=q.device).view(chunks, size)
     sink_ok = sinks.visible(query_index)[:, None]  # [B, 1, N, C, S]
     soft, soft_sink = softmax_with_sinks(scores, in_window & local_valid[:, None, :, None, :], sink_scores, sink_ok)

@@ -37,9 +37,11 @@ class TrainConfig:
     eval_blocks: int = 16
     seed: int = 0
     # Memory: the distillation and CE losses are made this many positions at a time (0: the whole
-    # [B, T, V] logits at once), and the student shares the teacher's frozen tensors.
+    # [B, T, V] logits at once), the student shares the teacher's frozen tensors, and each layer's
+    # activations are recomputed in backward rather than kept (one layer's exist at a time).
     loss_chunk: int = 256
     share_weights: bool = True
+    checkpoint_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:

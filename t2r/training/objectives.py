@@ -47,11 +47,16 @@ def record_attention(teacher: nn.Module, adapter: Adapter) -> Iterator[list[tupl
 
 
 class AttentionTransfer(nn.Module):
-    """Mean over layers of MSE(linear attention output, softmax attention output)."""
+    """Mean over layers of MSE(linear attention output, softmax attention output).
 
-    def __init__(self, student: T2RForCausalLM) -> None:
+    With `checkpoint_layers` each layer's attention is recomputed in backward (its input is a
+    recorded tensor already), so one layer's activations exist at a time, not every layer's.
+    """
+
+    def __init__(self, student: T2RForCausalLM, checkpoint_layers: bool = False) -> None:
         super().__init__()
         self.student = student
+        self.checkpoint_layers = checkpoint_layers
 
     def forward(
         self, records: list[tuple[torch.Tensor, torch.Tensor]], attention_mask: torch.Tensor
@@ -69,11 +74,23 @@ class AttentionTransfer(nn.Module):
         for attention, (hidden, target) in zip(student.attentions, records, strict=True):
             if isinstance(attention, SoftmaxAttention):
                 continue  # kept exact: nothing to transfer
-            state = attention.init_state(hidden.shape[0], hidden.device, hidden.dtype)
-            out, _ = attention(hidden, rotary, mask, state, "chunked")
-            losses.append(((out - target).square() * weight).sum() / (weight.sum() * out.shape[-1]))
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                loss = checkpoint(
+                    self._layer_loss, attention, hidden, target, rotary, mask, weight, use_reentrant=False
+                )
+            else:
+                loss = self._layer_loss(attention, hidden, target, rotary, mask, weight)
+            losses.append(loss)
         per_layer = torch.stack(losses)
         return per_layer.mean(), per_layer.detach()
+
+    @staticmethod
+    def _layer_loss(attention: nn.Module, hidden: torch.Tensor, target: torch.Tensor, rotary: object,
+                    mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """hidden, target [B, T, E]; weight [B, T, 1] -> the layer's masked MSE (a scalar)."""
+        state = attention.init_state(hidden.shape[0], hidden.device, hidden.dtype)
+        out, _ = attention(hidden, rotary, mask, state, "chunked")
+        return ((out - target).square() * weight).sum() / (weight.sum() * out.shape[-1])
 
 
 class Finetune(nn.Module):
@@ -94,6 +111,7 @@ class Finetune(nn.Module):
         temperature: float,
         chunk: int = 0,
         teacher_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        checkpoint_layers: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -102,6 +120,7 @@ class Finetune(nn.Module):
         self.temperature = temperature
         self.chunk = chunk
         self.teacher_logits = teacher_logits  # normed teacher hidden [N, E] -> logits [N, V] (chunk > 0)
+        self.checkpoint_layers = checkpoint_layers  # recompute each block in backward (one block's activations)
 
     def forward(
         self,
@@ -117,7 +136,9 @@ class Finetune(nn.Module):
         targets = input_ids[:, 1:][scored]  # [N]
         distill = self.distill_weight > 0 and teacher_out is not None
         if self.chunk > 0:
-            hidden, _ = self.student(input_ids, attention_mask, form="chunked", return_hidden=True)
+            hidden, _ = self.student(
+                input_ids, attention_mask, form="chunked", return_hidden=True, checkpoint_layers=self.checkpoint_layers
+            )
             hidden = hidden[:, :-1][scored]  # [N, E]
             teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
             ce_sum, kl_sum = hidden.new_zeros(()), hidden.new_zeros(())
@@ -129,7 +150,9 @@ class Finetune(nn.Module):
                 )  # fmt: skip
                 ce_sum, kl_sum = ce_sum + ce_part, kl_sum + kl_part
         else:
-            logits, _ = self.student(input_ids, attention_mask, form="chunked")
+            logits, _ = self.student(
+                input_ids, attention_mask, form="chunked", checkpoint_layers=self.checkpoint_layers
+            )
             teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
             ce_sum, kl_sum = self._losses(logits[:, :-1][scored], teacher, targets, ce_mask)
         loss = ce_sum.new_zeros(())

@@ -229,13 +229,13 @@ class Trainer:
         accelerator = self.accelerator
         self.set_trainable(stage)
         if stage == "transfer":
-            objective: nn.Module = AttentionTransfer(self.student)
+            objective: nn.Module = AttentionTransfer(self.student, config.checkpoint_layers)
             lr = config.lr_transfer
         else:
             teacher, adapter = self.teacher, self.student.adapter
             objective = Finetune(
                 self.student, config.ce_weight, config.distill_weight, config.temperature, config.loss_chunk,
-                lambda normed: adapter.logits(teacher, normed),
+                lambda normed: adapter.logits(teacher, normed), config.checkpoint_layers,
             )  # fmt: skip
             lr = config.lr_finetune
         parameters = [p for p in self.student.parameters() if p.requires_grad]

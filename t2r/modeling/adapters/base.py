@@ -83,6 +83,10 @@ class Adapter:
         """The teacher's factor on q . k before its softmax."""
         return float(attention.scaling)
 
+    def softcap(self, attention: nn.Module) -> float | None:
+        """The teacher's attention soft-capping c (scores -> c * tanh(scores / c)), or None."""
+        return None
+
     def sliding_window(self, attention: nn.Module) -> int | None:
         """The teacher's attention window of this layer, in tokens (None: it sees every token)."""
         return None

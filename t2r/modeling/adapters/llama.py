@@ -10,10 +10,12 @@ What differs between them is small and read off the teacher's own modules and co
   attention scale (`attention.scaling`, which the softmax parts read);
 - Phi-3: q, k and v fused in one `qkv_proj` (q first, then k, then v), rotary on part of each head;
 - Gemma: embeddings scaled by sqrt(hidden) inside the embedding module itself, (1 + w) norms;
-- Gemma 3: per-head q/k norms, a norm before and after each branch, `query_pre_attn_scalar` as the
-  attention scale, and local (sliding-window) layers whose rotary turns at its own rate.
-Kept as softmax, a teacher's sliding-window layer keeps its window (`sliding_window`). Attention
-soft-capping (Gemma 2) is not reproduced: such a family stays refused.
+- Gemma 2: a norm before and after each branch, `query_pre_attn_scalar` as the attention scale,
+  attention soft-capping (`softcap`: every softmax score, the window's included) and final-logit
+  soft-capping, local layers on alternate blocks;
+- Gemma 3: per-head q/k norms, Gemma 2's sandwich norms and scale (no attention soft-capping), and
+  local (sliding-window) layers whose rotary turns at its own rate.
+Kept as softmax, a teacher's sliding-window layer keeps its window (`sliding_window`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from t2r.modeling.adapters.base import Adapter, Attend, HeadShape
 class LlamaAdapter(Adapter):
     name = "llama"
     model_types = (
-        "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma", "gemma3_text",
+        "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma", "gemma2", "gemma3_text",
     )  # fmt: skip
     lora_targets = (
         "projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.qkv_proj",
@@ -89,6 +91,9 @@ class LlamaAdapter(Adapter):
         q_turned, k_turned = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
         return torch.cat([q_turned, q[..., rotary_dim:]], -1), torch.cat([k_turned, k[..., rotary_dim:]], -1)
 
+    def softcap(self, attention: nn.Module) -> float | None:
+        return getattr(attention.config, "attn_logit_softcapping", None)  # Gemma 2 (Gemma 3: None)
+
     def sliding_window(self, attention: nn.Module) -> int | None:
         if hasattr(attention, "sliding_window"):  # set per layer (Qwen2/3, Gemma 3: None on global layers)
             return attention.sliding_window
@@ -98,7 +103,7 @@ class LlamaAdapter(Adapter):
         return attention.o_proj(heads_out)
 
     def block(self, layer: nn.Module, hidden: torch.Tensor, attend: Attend) -> torch.Tensor:
-        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: a norm before and after each branch
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: a norm before and after each branch
             hidden = hidden + layer.post_attention_layernorm(attend(layer.input_layernorm(hidden)))
             return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
         if hasattr(layer, "post_feedforward_layernorm"):  # OLMo 2: norms after each branch
@@ -119,5 +124,5 @@ class LlamaAdapter(Adapter):
         logits = model.lm_head(normed)
         scaling = getattr(model.config, "logits_scaling", None)  # Granite
         logits = logits / scaling if scaling is not None else logits
-        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 3 (when set)
+        cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 (Gemma 3 when set)
         return torch.tanh(logits / cap) * cap if cap is not None else logits
