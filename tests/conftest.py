@@ -74,7 +74,12 @@ FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
 # norms, a local layer with a window of 8 shorter than the tests' sequences and its own rotary,
 # a query scalar and capped logits (gemma3_text), the same with soft-capped attention scores and no
 # q/k norms (gemma2: a cap of 0.02, near the tiny model's typical score, so that it bends them).
-MORE_FAMILIES = ("qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma", "gemma2", "gemma3_text")
+# StableLM: per-head q/k LayerNorms, partial rotary and a parallel residual; OPT: learned positions,
+# pre-scaled queries, a narrower embedding projected in and out (opt: pre-norm; opt_post_norm: 350m's).
+MORE_FAMILIES = (
+    "qwen3", "olmo2", "smollm3", "granite", "phi3", "gemma", "gemma2", "gemma3_text", "stablelm", "opt",
+    "opt_post_norm",
+)  # fmt: skip
 
 
 def more_family_config(family: str, common: dict):
@@ -98,6 +103,16 @@ def more_family_config(family: str, common: dict):
         return transformers.Phi3Config(**shared, partial_rotary_factor=0.5, original_max_position_embeddings=8192)
     if family == "gemma":
         return transformers.GemmaConfig(**shared, head_dim=16)
+    if family == "stablelm":
+        return transformers.StableLmConfig(
+            **shared, partial_rotary_factor=0.25, qk_layernorm=True, use_parallel_residual=True
+        )
+    if family.startswith("opt"):
+        return transformers.OPTConfig(
+            vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidden_size=64, ffn_dim=128,
+            word_embed_proj_dim=32, max_position_embeddings=64, do_layer_norm_before=family == "opt",
+            bos_token_id=1, eos_token_id=2, pad_token_id=0, enable_bias=True,
+        )  # fmt: skip
     if family == "gemma2":  # eager: the teacher's own soft-capping runs only in its eager attention
         return transformers.Gemma2Config(
             **shared, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],

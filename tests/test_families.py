@@ -14,6 +14,7 @@ from tests.test_fast_decode import BF16_TOLERANCE, assert_fast_path_matches_refe
 from tests.test_model import (
     assert_prefill_then_decode_equals_full_forward,
     converted,
+    left_padded_batch,
     softmax_logits_through_adapter,
     trained_looking_model,
 )
@@ -66,3 +67,39 @@ def test_a_family_the_adapter_does_not_know_is_refused_in_one_line(tmp_path, cap
     assert main(["convert", "--model", str(tmp_path / "teacher"), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "'bloom' is not supported" in error[0]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@torch.no_grad()
+def test_local_layers_kept_in_a_ring_buffer_are_the_teacher(family: str) -> None:
+    """--keep-local: layer 0 (the teacher's window of 8) stays its exact softmax in a ring buffer; with
+    the global layer kept as softmax too, every form reproduces the teacher over 40 tokens (5 windows)."""
+    teacher = tiny_model(family)
+    model = converted(family, keep_local=True, softmax_layers=(1,))
+    local = model.attentions[0]
+    assert local.window == 8 and local.feature_dim == 0 and local.sinks == 0
+    ids = left_padded_batch()[0][:1]
+    expected = teacher(ids).logits
+    for form in ("parallel", "chunked", "recurrent"):
+        assert (model(ids, form=form)[0] - expected).abs().max() <= 1e-5, form
+    logits, state = model(ids[:, :11])
+    steps = [logits]
+    for t in range(11, ids.shape[1]):
+        step_logits, state = model.step(ids[:, t], state)
+        steps.append(step_logits[:, None])
+    assert (torch.cat(steps, 1) - expected).abs().max() <= 1e-5
+    assert state.layers[0].keys.shape[2] == 8  # the ring holds the window, not the 40 tokens
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_local_layers_kept_beside_a_converted_global_layer(family: str) -> None:
+    """The global layer converted (hybrid), the local one kept: forms, fast step and int4 agree, and the
+    state is as big after 40 tokens as before the first."""
+    model = trained_looking_model(converted(family, "hedgehog", tie_qk=False, window=5, keep_local=True))
+    assert model.attentions[0].feature_dim == 0 and model.attentions[1].feature_dim > 0
+    with torch.no_grad():
+        assert_prefill_then_decode_equals_full_forward(model, prefix=17)
+        ids, mask = left_padded_batch()
+        assert model(ids, mask)[1].nbytes() == model.init_state(2).nbytes()
+    assert_fast_path_matches_reference(model, fast_step)
+    assert_fast_path_matches_reference(with_weights(model, "int4"), fast_step, tolerance=BF16_TOLERANCE)

@@ -44,7 +44,8 @@ def state_tensors(layer_state) -> list[torch.Tensor]:
     if isinstance(layer_state, HybridAttentionState):
         linear = layer_state.linear
         window = [layer_state.keys, layer_state.values, layer_state.linear_keys]
-        return [linear.kv, linear.k_sum, *window, layer_state.sink_keys, layer_state.sink_values]
+        tensors = [linear.kv, linear.k_sum, *window, layer_state.sink_keys, layer_state.sink_values]
+        return [x for x in tensors if x.numel()]  # a layer with no linear part (or no sinks) has empty ones
     if isinstance(layer_state, KVCacheState):
         return [layer_state.keys, layer_state.values]
     return [layer_state.kv, layer_state.k_sum]

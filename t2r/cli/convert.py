@@ -48,6 +48,13 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         help="layer indices kept as exact softmax attention, their KV cache grows (default: none)",
     )
     parser.add_argument(
+        "--keep-local",
+        action="store_true",
+        default=None,
+        help="the teacher's own sliding-window layers (Gemma 2/3 local layers, Mistral) stay exact softmax "
+        "over their window in a ring buffer (constant memory); only its global layers are converted",
+    )
+    parser.add_argument(
         "--half-life",
         type=non_negative_int,
         default=None,
@@ -76,6 +83,7 @@ def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
         "rotary_features": args.rotary_features or window == 0,
         "softmax_layers": args.softmax_layers or (),
         "linear_heads": args.linear_heads or "query",
+        "keep_local": bool(args.keep_local),
     }
 
 
@@ -150,6 +158,9 @@ def summary(args: argparse.Namespace, model: Any, model_type: str) -> str:
             f", {len(config.softmax_layers)} kept softmax: their KV cache grows by "
             f"{state.bytes_per_token():,} bytes per token"
         )
+    local = [a.window for a in model.attentions if getattr(a, "feature_dim", None) == 0]
+    if local:
+        kept += f", {len(local)} local kept exact over their window of {max(local)} (ring buffer)"
     return (
         f"converted {args.model} ({model_type}, {len(model.attentions)} layers{kept}) "
         f"to {window}linear attention with {args.feature_map} feature maps ({trained:,} new parameters) "

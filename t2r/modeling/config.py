@@ -52,6 +52,10 @@ class T2RConfig:
     sinks: with a window, the first `sinks` tokens of a sequence stay in the softmax part for good
         (attention sinks: the teacher parks much of its attention there); None: DEFAULT_SINKS with
         a window, 0 without. Constant memory: `sinks` keys and values per layer.
+    keep_local: a layer the teacher already limits to a sliding window (Gemma 2/3's local layers,
+        Mistral's `sliding_window`) stays its exact softmax over that window, its keys and values in
+        a ring buffer of the window's size (constant memory, nothing to train); only the layers
+        that see every token are converted. False converts every layer.
     """
 
     feature_map: str = "t2r"
@@ -67,6 +71,7 @@ class T2RConfig:
     half_life: int | None = None
     sinks: int | None = None
     linear_heads: str = "query"
+    keep_local: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))

@@ -18,7 +18,9 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
     """Replace every attention layer of `teacher` (in place) and wrap it as a T2RForCausalLM.
 
     Only attention changes: each new layer keeps the teacher's projection modules, so every
-    non-attention weight is the teacher's own tensor, bit for bit.
+    non-attention weight is the teacher's own tensor, bit for bit. With `keep_local`, a teacher's
+    sliding-window layer becomes its own exact softmax over that window in a ring buffer (the
+    hybrid op with no linear part and no sinks: `LinearAttention` with the "none" map).
     """
     adapter = adapter_for(teacher.config.model_type)
     shape = adapter.head_shape(teacher.config)
@@ -39,6 +41,13 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
         source = adapter.attention(layer)
         if index in config.softmax_layers:
             adapter.set_attention(layer, SoftmaxAttention(source, adapter, shape))
+            continue
+        local_window = adapter.sliding_window(source) if config.keep_local else None
+        if local_window is not None:
+            no_map = build_feature_map("none", shape.kv_heads, shape.head_dim, None, generator)
+            local = LinearAttention(source, adapter, shape, no_map, None, config.eps, window=local_window,
+                                    chunk_size=config.chunk_size)  # fmt: skip
+            adapter.set_attention(layer, local.to(device=parameter.device))
             continue
         feature_map_q = new_map()
         feature_map_k = None if config.tie_qk else new_map()

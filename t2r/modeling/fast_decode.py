@@ -31,7 +31,8 @@ class RingWindow:
     kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
     [B, G, S + W, D] and valid [B, S + W]: the S sink slots first, then the W window slots, so
     that one product scores both without a copy; linear_keys [B, G, W, D] (the window slots only).
-    The window slots are a ring: `FastState.next_slot` is the oldest, the next to be overwritten.
+    The window slots are a ring: slot `FastState.next_slot` mod W is the oldest, the next to be
+    overwritten (layers may differ in W: a teacher's local layer kept beside converted ones).
     """
 
     kv: torch.Tensor
@@ -56,9 +57,11 @@ class FastState:
 
     layers: per layer a RingWindow (hybrid), a LinearAttentionState whose tensors are updated in
         place (pure linear), or a KVCacheState (a softmax layer; replaced every step).
-    seen [B]: tokens seen per sequence (the next position); next_slot [1] long: the ring pointer,
-        the same for every row (every row advances one token per step). A tensor, not an int, so
-        that a compiled step is one graph for every slot (an int would be a constant per value).
+    seen [B]: tokens seen per sequence (the next position); next_slot [1] long: steps taken since
+        the rings started, the same for every row (every row advances one token per step); a
+        layer's ring pointer is next_slot mod its window, and rolling a ring by a difference of
+        next_slots is right for every window (torch.roll wraps). A tensor, not an int, so that a
+        compiled step is one graph for every slot (an int would be a constant per value).
     """
 
     layers: list[LayerFastState]
@@ -291,8 +294,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
     rotary = adapter.rotary(model.base, hidden, positions)
     sink_rotary = model.capped_rotary(hidden, positions)
     mask = torch.ones_like(positions)
-    slot = state.next_slot
-    window = 0
+    rings = False
     for index, layer in enumerate(adapter.layers(model.base)):
         attention = adapter.attention(layer)
         layer_state = state.layers[index]
@@ -306,6 +308,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
             q_features, k_features = attention.feature_inputs(q, k, q_raw, k_raw)
             if isinstance(layer_state, RingWindow):
                 sink_q = attention.sink_queries(q_raw, k_raw, sink_rotary)
+                slot = state.next_slot.remainder(layer_state.linear_keys.shape[2])  # this layer's oldest slot
                 heads_out = _hybrid_step(
                     attention, q[:, :, 0], k[:, :, 0], v[:, :, 0], q_features[:, :, 0], k_features[:, :, 0],
                     layer_state, slot, None if sink_q is None else sink_q[:, :, 0],
@@ -315,11 +318,10 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
             return adapter.output(attention.projections, heads_out.reshape(x.shape[0], 1, -1))
 
         hidden = adapter.block(layer, hidden, attend)
-        if isinstance(layer_state, RingWindow):
-            window = layer_state.linear_keys.shape[2]
+        rings = rings or isinstance(layer_state, RingWindow)
     state.seen += 1
-    if window:
-        state.next_slot.add_(1).remainder_(window)
+    if rings:
+        state.next_slot.add_(1)
     return adapter.head(model.base, hidden)[:, 0]
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from t2r.errors import UsageError
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
@@ -72,8 +73,8 @@ class AttentionTransfer(nn.Module):
         weight = mask[..., None].to(records[0][1].dtype)
         losses = []
         for attention, (hidden, target) in zip(student.attentions, records, strict=True):
-            if isinstance(attention, SoftmaxAttention):
-                continue  # kept exact: nothing to transfer
+            if isinstance(attention, SoftmaxAttention) or attention.feature_dim == 0:
+                continue  # kept exact (softmax, or a teacher's local layer in its ring buffer): nothing to transfer
             if self.checkpoint_layers and torch.is_grad_enabled():
                 loss = checkpoint(
                     self._layer_loss, attention, hidden, target, rotary, mask, weight, use_reentrant=False
@@ -81,6 +82,8 @@ class AttentionTransfer(nn.Module):
             else:
                 loss = self._layer_loss(attention, hidden, target, rotary, mask, weight)
             losses.append(loss)
+        if not losses:
+            raise UsageError("attention transfer has nothing to train: no layer has a linear part (--transfer-steps 0)")
         per_layer = torch.stack(losses)
         return per_layer.mean(), per_layer.detach()
 

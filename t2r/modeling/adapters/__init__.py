@@ -7,11 +7,12 @@ from t2r.modeling.adapters.base import Adapter, HeadShape
 from t2r.modeling.adapters.gpt2 import GPT2Adapter
 from t2r.modeling.adapters.gpt_neox import GPTNeoXAdapter
 from t2r.modeling.adapters.llama import LlamaAdapter
+from t2r.modeling.adapters.opt import OPTAdapter
 
 __all__ = ["ADAPTERS", "Adapter", "HeadShape", "adapter_for", "supported_model_types"]
 
 ADAPTERS: dict[str, Adapter] = {}
-for _adapter in (LlamaAdapter(), GPT2Adapter(), GPTNeoXAdapter()):
+for _adapter in (LlamaAdapter(), GPT2Adapter(), GPTNeoXAdapter(), OPTAdapter()):
     for _model_type in _adapter.model_types:
         ADAPTERS[_model_type] = _adapter
 

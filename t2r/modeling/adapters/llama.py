@@ -10,6 +10,8 @@ What differs between them is small and read off the teacher's own modules and co
   attention scale (`attention.scaling`, which the softmax parts read);
 - Phi-3: q, k and v fused in one `qkv_proj` (q first, then k, then v), rotary on part of each head;
 - Gemma: embeddings scaled by sqrt(hidden) inside the embedding module itself, (1 + w) norms;
+- StableLM: LayerNorms, per-head LayerNorms on q and k (`q_layernorm`, optional), partial rotary,
+  and an optional parallel residual (attention and MLP both read the block's one input norm);
 - Gemma 2: a norm before and after each branch, `query_pre_attn_scalar` as the attention scale,
   attention soft-capping (`softcap`: every softmax score, the window's included) and final-logit
   soft-capping, local layers on alternate blocks;
@@ -33,6 +35,7 @@ class LlamaAdapter(Adapter):
     name = "llama"
     model_types = (
         "llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2", "phi3", "gemma", "gemma2", "gemma3_text",
+        "stablelm",
     )  # fmt: skip
     lora_targets = (
         "projections.q_proj", "projections.k_proj", "projections.v_proj", "projections.qkv_proj",
@@ -75,7 +78,10 @@ class LlamaAdapter(Adapter):
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
         if q_norm is not None and q_norm.weight.shape[0] == attention.head_dim:  # Qwen3: per head
             q, k = q_norm(q), k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if getattr(attention, "qk_layernorm", False):  # StableLM: a LayerNorm per head, over [B, H, T, D]
+            q, k = attention.q_layernorm(q), attention.k_layernorm(k)
+        return q, k, v
 
     def apply_rotary(self, q: torch.Tensor, k: torch.Tensor, rotary: Any, attention: nn.Module | None = None):
         if attention is not None and not getattr(attention, "use_rope", True):  # SmolLM3's NoPE layers
@@ -109,6 +115,9 @@ class LlamaAdapter(Adapter):
         if hasattr(layer, "post_feedforward_layernorm"):  # OLMo 2: norms after each branch
             hidden = hidden + layer.post_attention_layernorm(attend(hidden))
             return hidden + layer.post_feedforward_layernorm(layer.mlp(hidden))
+        if getattr(layer, "use_parallel_residual", False):  # StableLM: both branches read one norm
+            normed = layer.input_layernorm(hidden)
+            return hidden + attend(normed) + layer.dropout(layer.mlp(normed))
         scale = getattr(layer, "residual_multiplier", None)  # Granite
 
         def scaled(x: torch.Tensor) -> torch.Tensor:
