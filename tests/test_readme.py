@@ -12,7 +12,7 @@ from t2r.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 # Flags in the README that belong to other tools (pip, accelerate launch).
-OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--no-binary"}
+OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--config_file", "--mixed_precision", "--no-binary"}
 LM_EVAL = {"--model", "--model_args", "--tasks", "--include_path", "--batch_size", "--num_fewshot"}
 
 

@@ -5,6 +5,11 @@ train ...`, gloo on CPU) and on GPUs (DDP, bf16). Each optimizer step reads a ba
 function of (seed, step), so a run resumed from a checkpoint replays exactly the batches an
 uninterrupted run would have seen: in fp32 on a CPU the per-step losses are bit-identical.
 
+Under an FSDP2 launch (configs/accelerate/fsdp.yaml) the objective and the student inside it are
+sharded across processes; the teacher stays whole on each. A sharded module cannot be sharded again,
+so such a launch trains one stage; checkpoints and the final model are gathered whole, in the same
+format as an unsharded run's.
+
 Layout of `--out`:
     manifest.json      the run: settings, seeds, data files with hashes, git commit, versions
     metrics.jsonl      one JSON line per step and per validation
@@ -19,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,10 +40,18 @@ from t2r.modeling.model import T2RForCausalLM
 from t2r.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2r.training.config import Interrupted, TrainConfig
 from t2r.training.data import TrainingData
+from t2r.training.distributed import (
+    WholeOptimizer,
+    gathered,
+    gathered_student,
+    load_sharded_optimizer,
+    make_accelerator,
+)
 from t2r.training.lora import add_lora, has_lora, merge_lora
 from t2r.training.objectives import AttentionTransfer, Finetune, record_attention
 from t2r.training.provenance import git_commit, versions
 from t2r.training.sharing import share_frozen_weights
+from t2r.training.stop_flag import StopFlag
 
 STAGES = ("transfer", "finetune")
 
@@ -56,26 +68,6 @@ def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (the step in flight completes)."""
-
-    def __init__(self) -> None:
-        self.raised: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     """Runs the stages of one training run in one process of an accelerate launch."""
 
@@ -89,11 +81,14 @@ class Trainer:
         run_settings: dict[str, Any],
         progress: bool = True,
     ) -> None:
-        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
-        # On a machine without an accelerator, cpu=True is what lets several processes (torchrun's
-        # environment, e.g. `accelerate launch --multi_gpu`) form a gloo group instead of running alone.
-        self.accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+        self.accelerator = make_accelerator()
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp and config.transfer_steps > 0 and config.finetune_steps > 0:
+            one = "run --finetune-steps 0, then train its model with --transfer-steps 0"
+            raise UsageError(f"under FSDP a launch trains one stage: {one}")
+        self.objective: nn.Module | None = None  # the stage's objective as prepared (sharded under FSDP)
         self.student = student
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         if config.share_weights and not config.full:  # --full trains every weight: nothing to share
@@ -123,6 +118,7 @@ class Trainer:
             "data": self.data.sources,
             "blocks": {"train": len(self.data.blocks), "valid": len(self.data.valid)},
             "processes": self.accelerator.num_processes,
+            "distributed_type": self.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
             "git_commit": git_commit(),
             "versions": versions(),
         }
@@ -243,13 +239,19 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, config.warmup))
         trainer_state: dict[str, Any] = {}
         if checkpoint is not None:
-            trainer_state = load_checkpoint(checkpoint, self.student, optimizer)
+            # Under FSDP the optimizer's state is sharded after prepare, below.
+            trainer_state = load_checkpoint(checkpoint, self.student, None if self.fsdp else optimizer)
             scheduler.load_state_dict(trainer_state["scheduler"])
             self.tokens = trainer_state["tokens"]
             self.earlier_seconds = trainer_state.get("seconds", 0.0)
             self.started = time.perf_counter()
             self.truncate_metrics(stage, done_step)
+        inner = optimizer  # prepare wraps it and, under FSDP, points it at the parameters' shards
         objective, optimizer = accelerator.prepare(objective, optimizer)
+        self.objective = objective
+        if checkpoint is not None and self.fsdp:
+            state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+            load_sharded_optimizer(inner, state)
         start = done_step + 1
         tokens_per_step = config.batch_size * config.seq_len * accelerator.num_processes
         bar = tqdm(total=steps, initial=start, desc=stage, unit="step", disable=not self.progress)
@@ -294,7 +296,8 @@ class Trainer:
             with torch.no_grad():
                 if stage == "transfer":
                     with record_attention(self.teacher, self.student.adapter) as records:
-                        self.teacher(input_ids=ids, attention_mask=mask)
+                        # The base model: no [B, T, V] logits (Gemma 3: 262k columns) that nobody reads.
+                        self.teacher.base_model(input_ids=ids, attention_mask=mask)
                 elif config.distill_weight == 0:
                     teacher_out = None
                 elif config.loss_chunk > 0:  # normed hidden states: the loss makes logits chunk by chunk
@@ -328,23 +331,41 @@ class Trainer:
 
     def save(self, stage: str, step: int, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            trainer = {
-                "stage": stage,
-                "stage_step": step,
-                "scheduler": scheduler.state_dict(),
-                "tokens": self.tokens,
-                "seconds": self.elapsed(),
-            }
-            order = STAGES.index(stage) * 10_000_000 + step  # checkpoint names sort across stages
-            save_checkpoint(self.checkpoints, order, self.student, optimizer, trainer, self.config.keep)
+        main = self.accelerator.is_main_process
+        with self.whole():  # every process takes part in gathering the shards; the main one writes
+            saved: Any = WholeOptimizer(optimizer, keep=main) if self.fsdp else optimizer
+            if main:
+                trainer = {
+                    "stage": stage,
+                    "stage_step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "tokens": self.tokens,
+                    "seconds": self.elapsed(),
+                }
+                order = STAGES.index(stage) * 10_000_000 + step  # checkpoint names sort across stages
+                save_checkpoint(self.checkpoints, order, self.student, saved, trainer, self.config.keep)
         self.accelerator.wait_for_everyone()
+
+    def sharded(self) -> bool:
+        return self.fsdp and self.objective is not None
+
+    def whole(self) -> contextlib.AbstractContextManager:
+        """Under FSDP, the student's parameters are whole tensors inside; elsewhere nothing happens."""
+        return gathered(self.objective if self.sharded() else None)
+
+    def unsharded_student(self) -> T2RForCausalLM | None:
+        """The student as an ordinary module on the main process (None elsewhere)."""
+        if not self.sharded():
+            return self.student if self.accelerator.is_main_process else None
+        lora_rank = self.config.lora_rank if has_lora(self.student) else 0
+        return gathered_student(self.objective, self.student, lora_rank, self.accelerator.is_main_process)
 
     def validate(self, stage: str, steps: int) -> EvalResult:
         blocks = self.data.valid[: self.config.eval_blocks].to(self.accelerator.device)
         self.student.eval()
         # one block at a time: validation's [batch, seq, vocab] logits would otherwise set the run's peak memory
-        result = evaluate_blocks(self.student, blocks, self.teacher, batch_size=1)
+        with self.whole():
+            result = evaluate_blocks(self.student, blocks, self.teacher, batch_size=1)
         self.log({"stage": stage, "step": steps - 1, "validation": result.to_dict()})
         return result
 
@@ -356,12 +377,13 @@ class Trainer:
             "minutes": self.elapsed() / 60,
             "validation": evaluations,
         }
-        if self.accelerator.is_main_process:
-            if has_lora(self.student):
-                merge_lora(self.student)
-            self.student.requires_grad_(False)
+        student = self.unsharded_student()
+        if student is not None:  # the main process
+            if has_lora(student):
+                merge_lora(student)
+            student.requires_grad_(False)
             training = {"settings": self.run_settings, **summary}  # for the model card
-            save_converted(self.student, tokenizer, self.out / "model", overwrite=True, training=training)
+            save_converted(student, tokenizer, self.out / "model", overwrite=True, training=training)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return summary
