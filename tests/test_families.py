@@ -103,3 +103,18 @@ def test_local_layers_kept_beside_a_converted_global_layer(family: str) -> None:
         assert model(ids, mask)[1].nbytes() == model.init_state(2).nbytes()
     assert_fast_path_matches_reference(model, fast_step)
     assert_fast_path_matches_reference(with_weights(model, "int4"), fast_step, tolerance=BF16_TOLERANCE)
+
+
+def test_convert_keep_local_says_what_it_kept(tmp_path, capsys) -> None:
+    from t2r.cli import main
+    from t2r.hub import load_converted
+    from tests.conftest import save_teacher
+
+    teacher = save_teacher(tmp_path / "teacher", "gemma3_text")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    flags = ["--feature-map", "hedgehog", "--keep-local", "--out", str(out)]
+    assert main(["convert", "--model", str(teacher), *flags]) == 0
+    assert "1 local kept exact over their window of 8 (ring buffer)" in capsys.readouterr().err
+    model, _ = load_converted(out)  # the setting is saved: the local layer comes back as it was
+    assert model.config.keep_local and model.attentions[0].feature_dim == 0 and model.attentions[1].feature_dim > 0
