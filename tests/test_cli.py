@@ -254,12 +254,15 @@ def broken_folders(converted_folder: Path, tmp_path_factory: pytest.TempPathFact
     torch.save({"weight": torch.zeros(1)}, pickled / "pytorch_model.bin")
     folders["pickle"] = pickled
     # An architecture t2r has no adapter for.
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, BloomConfig
 
-    opt = AutoModelForCausalLM.from_config(
-        OPTConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2)
+    from tests.conftest import tiny_tokenizer
+
+    opt = AutoModelForCausalLM.from_config(  # BLOOM (ALiBi): a family no adapter knows
+        BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=2)
     )
     opt.save_pretrained(root / "opt")
+    tiny_tokenizer().save_pretrained(root / "opt")  # loads: the refusal is the architecture's
     folders["opt"] = root / "opt"
     bad_gguf = root / "bad.gguf"
     bad_gguf.write_bytes(b"GGUF" + os.urandom(1000))
