@@ -47,6 +47,15 @@ COMMON_FLAGS = [
 ]
 # The hybrid's attention: a 64-token softmax window, 4 sinks, a linear part with a half-life of 512.
 HYBRID_ATTENTION = ["--window", "64", "--half-life", "512", "--sinks", "4"]
+
+
+def kv_hybrid_flags(transfer: int, finetune: int, *extra: str) -> list[str]:
+    """The hybrid-kv recipe's attention and fine-tuning flags with these step counts (the new teachers')."""
+    return [*HYBRID_ATTENTION, "--linear-heads", "kv", "--feature-dim", "32", *extra,
+            "--transfer-steps", str(transfer), "--finetune-steps", str(finetune), "--lr-finetune", "2e-4",
+            "--keep", "5"]  # fmt: skip
+
+
 RECIPES = {
     # Issue 3's recipe: pure linear attention, 350 transfer + 70 distillation steps.
     "linear": {
@@ -120,22 +129,7 @@ RECIPES = {
     "gemma3-local": {
         "model": "gemma3-270m",
         "teacher_label": "Gemma 3 270M",
-        "flags": [
-            *HYBRID_ATTENTION,
-            "--linear-heads",
-            "kv",
-            "--feature-dim",
-            "32",
-            "--keep-local",
-            "--transfer-steps",
-            "100",
-            "--finetune-steps",
-            "16",
-            "--lr-finetune",
-            "2e-4",
-            "--keep",
-            "5",
-        ],
+        "flags": kv_hybrid_flags(100, 16, "--keep-local"),
         "books": ["pg1342.txt"],
         "shakespeare": False,
         "label": "local layers kept (ring buffer of 512), 3 global layers window 64 + linear per kv head",
@@ -145,21 +139,7 @@ RECIPES = {
     "gemma3-all": {
         "model": "gemma3-270m",
         "teacher_label": "Gemma 3 270M",
-        "flags": [
-            *HYBRID_ATTENTION,
-            "--linear-heads",
-            "kv",
-            "--feature-dim",
-            "32",
-            "--transfer-steps",
-            "100",
-            "--finetune-steps",
-            "16",
-            "--lr-finetune",
-            "2e-4",
-            "--keep",
-            "5",
-        ],
+        "flags": kv_hybrid_flags(100, 16),
         "books": ["pg1342.txt"],
         "shakespeare": False,
         "label": "every layer window 64 + linear per kv head",
@@ -169,21 +149,7 @@ RECIPES = {
     "qwen-coder": {
         "model": "qwen2.5-coder-0.5b",
         "teacher_label": "Qwen2.5-Coder-0.5B-Instruct",
-        "flags": [
-            *HYBRID_ATTENTION,
-            "--linear-heads",
-            "kv",
-            "--feature-dim",
-            "32",
-            "--transfer-steps",
-            "80",
-            "--finetune-steps",
-            "14",
-            "--lr-finetune",
-            "2e-4",
-            "--keep",
-            "5",
-        ],
+        "flags": kv_hybrid_flags(80, 14),
         "books": ["pg1342.txt"],
         "shakespeare": False,
         "label": "window 64 + linear per kv head, Hedgehog 2 x 32",
