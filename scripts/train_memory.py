@@ -5,12 +5,15 @@ tensors, each layer recomputed in backward, validation one block at a time), thi
 old loss and no sharing, and this checkout keeping every layer's activations (no recomputation).
 
     python scripts/train_memory.py [--model smollm2-135m] [--before c6be34b] [--steps 3] [--rounds 1]
+    python scripts/train_memory.py --model qwen2.5-coder-0.5b --before-model PATH.gguf --settings before,after
 
+(the commit before knows no alias of the extra teachers: --before-model gives it the same GGUF file
+by path).
 Each setting runs `t2r train` in a child process of its own (peak RSS = the child's ru_maxrss) on
 the default recipe's shape (batch 4 x 512 tokens, the window-64 hybrid, LoRA-8), --steps steps of
 each stage, the settings alternating for --rounds rounds; "before" runs from a git worktree of
 --before with this checkout's virtual environment. Writes benchmarks/train_memory.json and the
-BENCHMARKS.md section "train-memory".
+BENCHMARKS.md section "train-memory" (another model: train_memory_MODEL.json, "train-memory-MODEL").
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ CHILD = (
 
 def run(setting: str, args: argparse.Namespace, folder: Path, code: Path) -> dict:
     out = folder / f"run-{len(list(folder.iterdir()))}"
-    command = [sys.executable, "-c", CHILD, "train", "--model", args.model, "--out", str(out),
+    model = args.before_model if setting == "before" and args.before_model else args.model
+    command = [sys.executable, "-c", CHILD, "train", "--model", model, "--out", str(out),
                "--transfer-steps", str(args.steps), "--finetune-steps", str(args.steps), "--eval-blocks", "2",
                *(["--teacher", args.teacher] if args.teacher else []), *SETTINGS[setting]]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(code)}
@@ -68,9 +72,16 @@ def main() -> None:
     parser.add_argument("--before", default="c6be34b", help="the commit whose t2r train is 'before'")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train_memory.json")
+    parser.add_argument("--before-model", help="the model as the --before commit names it (default: --model)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
+    parser.add_argument("--out", type=Path, help="default: benchmarks/train_memory[_MODEL].json")
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    settings = [name.strip() for name in args.settings.split(",")]
+    if unknown := [name for name in settings if name not in SETTINGS] or not {"before", "after"} <= set(settings):
+        parser.error(f"--settings: {unknown or 'before and after are needed'}; known: {', '.join(SETTINGS)}")
+    default_model = args.model == "smollm2-135m"
+    args.out = args.out or ROOT / "benchmarks" / f"train_memory{'' if default_model else '_' + args.model}.json"
+    results: dict[str, list[dict]] = {name: [] for name in settings}
     with tempfile.TemporaryDirectory() as folder:
         before = Path(folder) / "before-code"
         subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True)
@@ -78,18 +89,21 @@ def main() -> None:
         runs.mkdir()
         try:
             for _ in range(args.rounds):
-                for setting in SETTINGS:
+                for setting in settings:
                     results[setting].append(run(setting, args, runs, before if setting == "before" else ROOT))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
     peak = {name: max(r["peak_bytes"] for r in rows) for name, rows in results.items()}
-    record = {"model": args.model, "before": args.before, "steps": args.steps, "rounds": args.rounds,
+    record = {"model": args.model, "before_model": args.before_model or args.model, "before": args.before,
+              "settings": settings, "steps": args.steps, "rounds": args.rounds,
               "runs": results, "peak_bytes": peak,
               "ratio": peak["after"] / peak["before"]}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     losses = {name: rows[0]["finetune_losses"] for name, rows in results.items()}
     body = "\n".join([
-        f"`python scripts/train_memory.py --model {args.model} --steps {args.steps} --rounds {args.rounds}` — "
+        f"`python scripts/train_memory.py --model {args.model} --steps {args.steps} --rounds {args.rounds}"
+        f"{' --before-model ' + args.before_model if args.before_model else ''}"
+        f"{'' if settings == list(SETTINGS) else ' --settings ' + ','.join(settings)}` — "
         "`t2r train` on the default recipe's shape (batch 4 x 512, window-64 hybrid, LoRA-8), "
         f"{args.steps} steps of each stage, each setting in its own child process; peak RSS (ru_maxrss).",
         "",
@@ -97,11 +111,14 @@ def main() -> None:
         "|---|---:|---|",
         *(f"| {name} (`{' '.join(SETTINGS[name]) or ('commit ' + args.before if name == 'before' else 'defaults')}`) "
           f"| {peak[name] / 2**30:.2f} GiB | "
-          f"{', '.join(f'{x:.4f}' for x in losses[name])} |" for name in SETTINGS),
+          f"{', '.join(f'{x:.4f}' for x in losses[name])} |" for name in settings),
         "",
         f"- **after / before: {record['ratio']:.2f}** (bar <= 0.60: {'met' if record['ratio'] <= 0.6 else 'not met'}).",
     ])  # fmt: skip
-    replace_section(ROOT / "BENCHMARKS.md", "train-memory", body, "Training memory: chunked losses, shared weights")
+    if default_model:
+        replace_section(ROOT / "BENCHMARKS.md", "train-memory", body, "Training memory: chunked losses, shared weights")
+    else:
+        replace_section(ROOT / "BENCHMARKS.md", f"train-memory-{args.model}", body, f"Training memory: {args.model}")
     print(json.dumps(record["peak_bytes"]), record["ratio"])
 
 
