@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import t2r.evaluation.bench.engines
-from t2r.evaluation.bench.engines import BenchSettings
+from t2r.evaluation.bench.cases import BenchSettings, Engine
 from t2r.evaluation.bench.memory import memory_bandwidth, peak_rss, weight_bytes_per_token
 from t2r.evaluation.bench.run import run_bench
 from tests.conftest import tiny_model
@@ -21,45 +21,36 @@ def test_bench_writes_json_plots_and_report(
     converted_folder: Path, text_file: Path, tmp_path: Path, capfd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def in_this_process(*args, **kwargs):
-        raise AssertionError("the converted model must be measured in a child process, not in the bench's")
+        raise AssertionError("the engines must be measured in child processes, not in the bench's")
 
     # Only this process's module is patched: rows that still appear were measured by the children.
-    monkeypatch.setattr(t2r.evaluation.bench.engines, "converted_cases", in_this_process)
+    monkeypatch.setattr(t2r.evaluation.bench.engines, "measure", in_this_process)
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\nkept text\n")
     argv = ["bench", converted_folder, "--contexts", "16,64", "--batches", "1,2", "--steps", 2, "--repeats", 1]
-    argv += ["--no-compile"]  # the compiled step is tested in test_fast_decode; compiling takes a while
-    argv += ["--baseline"]  # the sliding window of equal state bytes, in the same weight formats
+    # Two engines (a child each per context and round): every other row is measured in process in
+    # tests/test_bench_engines.py, the compiled ones in test_fast_decode; compiling takes a while.
+    argv += ["--weights", "fp32", "--no-compile", "--no-reference-step"]
     argv += ["--data", text_file, "--out", tmp_path / "out", "--report", report]
     code, out, err = run(argv, capfd)
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "bench.json").read_text())
     engines = {(c["engine"], c["context"], c["batch"]) for c in record["cases"]}
-    for context in (16, 64):
-        for batch in (1, 2):
-            for kind in ("converted", "baseline"):
-                for engine in (f"{kind} (fast)", f"{kind} (fast, int4)", f"{kind} (fast, bf16)"):
-                    assert (engine, context, batch) in engines
-            assert ("teacher", context, batch) in engines
-        assert ("converted (step)", context, 1) in engines and ("baseline (step)", context, 1) not in engines
+    assert engines == {(e, n, b) for e in ("teacher", "converted (fast)") for n in (16, 64) for b in (1, 2)}
     assert all(c["decode_tokens_per_s"] > 0 and c["peak_rss_bytes"] > 0 for c in record["cases"])
-    assert record["teacher"] == "measured"  # in a child process per context
-    assert record["converted"] == "measured"  # the same
-    int4_bytes = record["weight_bytes_per_token"]["converted (fast, int4)"]
-    assert int4_bytes < record["weight_bytes_per_token"]["converted (fast)"] / 4
+    assert all((c["prefill_tokens_per_s"] or 0) > 0 for c in record["cases"] if c["batch"] == 1)
+    assert record["engines"] == {"teacher": "measured", "converted (fast)": "measured"}
+    assert record["teacher"] == record["converted"] == "measured" and record["baseline"] == "not asked for"
     teacher_cache = [c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "teacher"]
     assert teacher_cache[0] < teacher_cache[-1]  # the KV cache grows with the context
     ours = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "converted (fast)"}
     assert len(ours) == 1  # the recurrent state does not
-    window = {c["state_bytes_per_sequence"] for c in record["cases"] if c["engine"] == "baseline (fast)"}
-    assert len(window) == 1 and window.pop() <= ours.pop()  # a fixed window, within the same bytes
-    assert record["baseline"] == "measured"
     assert {row["bar"] for row in record["bars"]} >= {"decode at 8k / teacher's", "peak memory at 32k / at 256"}
     assert (tmp_path / "out" / "bench_decode.png").stat().st_size > 0
     text = report.read_text()
     assert "kept text" in text and "<!-- bench:start -->" in text and "| teacher: decode tok/s |" in text
-    assert "| converted (fast, int4) |" in text  # its fraction of its own bandwidth bound
-    assert "| baseline (fast): decode tok/s |" in text
+    assert "| converted (fast) |" in text  # its fraction of its own bandwidth bound
+    assert "| converted (fast) / teacher |" in text  # the like-for-like pair: fp32, eager both
     assert "decode at 8k / teacher's" in out
     # --replot: the same section again from bench.json, nothing measured (no model is even loaded).
     report.write_text("# Benchmarks\n\nkept text\n")
@@ -78,12 +69,13 @@ def test_bench_writes_json_plots_and_report(
 
 def test_a_failing_converted_child_is_recorded_not_raised(tmp_path: Path) -> None:
     lines: list[str] = []
-    settings = BenchSettings(contexts=(8, 16), batches=(1,), steps=1, repeats=1, compile=False)
+    settings = BenchSettings((8, 16), (1,), steps=1, repeats=2, weights=("fp32",), compile=False, reference_step=False)
     record = run_bench(tmp_path / "missing", "unused", torch.arange(16), settings, teacher_context=0, log=lines.append)
-    assert record["converted"].startswith("converted_cases_from_folder failed (exit 1: ")
+    assert record["converted"].startswith("converted (fast): measure failed (exit 1: ")
     assert "missing" in record["converted"]  # the child's own error line names the folder
+    assert record["engines"] == {"teacher": "measured", "converted (fast)": record["converted"]}  # teacher: no context
     assert record["cases"] == [] and record["weight_bytes_per_token"] == {}
-    assert lines.count(record["converted"]) == 1  # logged once; no further context is tried
+    assert lines.count(record["converted"]) == 1  # logged once; no further round or context is tried
 
 
 def test_measurement_helpers() -> None:
@@ -105,8 +97,10 @@ def test_llama_cpp_row_on_the_default_gguf() -> None:
     from t2r.hub import alias_path
 
     gguf = str(alias_path("smollm2-135m"))
-    found = isolated("llama_cpp_cases_from_gguf", gguf=gguf, prompt=list(range(10, 74)), steps=4, repeats=1, threads=2)
+    engine = Engine("llama.cpp", gguf).to_dict()
+    found = isolated("measure", engine=engine, prompt=list(range(10, 74)), steps=4, segment=16, threads=2)
     assert not isinstance(found, str), found
     (case,) = found["cases"]
     assert case["engine"] == "llama.cpp" and case["context"] == 64 and case["decode_tokens_per_s"] > 0
-    assert found["weight_bytes_per_token"] == {"llama.cpp": Path(gguf).stat().st_size}
+    assert case["prefill_tokens_per_s"] > 0  # after a warm-up prefill of 16 tokens and a reset
+    assert found["weight_bytes_per_token"] == Path(gguf).stat().st_size

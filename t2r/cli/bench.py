@@ -1,4 +1,5 @@
-"""`t2r bench`: speed and memory of a converted model against its teacher (and llama.cpp)."""
+"""`t2r bench`: speed and memory of a converted model against its teacher (eager, and compiled with a
+static KV cache, in the same weight formats) and llama.cpp, in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -26,16 +27,30 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--contexts", type=token_counts, default=CONTEXTS, help="prompt lengths in tokens")
     parser.add_argument("--batches", type=batch_sizes, default=(1, 16), help="decode batch sizes")
     parser.add_argument("--steps", type=positive_int, default=16, help="decode steps per timed block")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed blocks per case (median)")
-    parser.add_argument("--segment", type=positive_int, default=512, help="prefill segment of the converted model")
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="rounds per context: each round runs every engine once, in turn (median, min, max)",
+    )
+    parser.add_argument(
+        "--segment",
+        type=positive_int,
+        default=512,
+        help="prefill segment of the converted model, and the length of every engine's warm-up prefill",
+    )
     parser.add_argument(
         "--weights",
         type=weight_formats,
         default=("fp32", "int4", "bf16"),
         metavar="F,G,...",
-        help="weight formats of the converted rows (fp32 among them)",
+        help="weight formats of the converted rows and of their teacher partners (fp32 among them)",
     )
-    parser.add_argument("--no-compile", action="store_true", help="no compiled rows (eager fast step only)")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="no compiled rows, the teacher's (static KV cache) nor the converted model's (eager rows in each format)",
+    )
     parser.add_argument("--no-reference-step", action="store_true", help="skip the `model.step` row")
     parser.add_argument(
         "--baseline",
@@ -82,7 +97,7 @@ def saved_record(saved: Path) -> tuple[dict[str, Any], str]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from t2r import hub
     from t2r.data.textfile import read_text
-    from t2r.evaluation.bench.engines import BenchSettings
+    from t2r.evaluation.bench.cases import BenchSettings
     from t2r.evaluation.bench.run import bench_prompt_ids, run_bench
     from t2r.modeling.model import T2RForCausalLM
 

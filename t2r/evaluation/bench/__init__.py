@@ -1,2 +1,3 @@
-"""`t2r bench`: memory probes, the engines measured (teacher, converted, llama.cpp), the run that
-isolates each in a child process, and the report (bars, tables, plots)."""
+"""`t2r bench`: the records (cases), memory probes, the engines measured (teacher eager and compiled
+with a static cache, converted, baseline, llama.cpp), the run that interleaves their rounds, each in
+a child process, and the report (bars, like-for-like ratios, tables, plots)."""

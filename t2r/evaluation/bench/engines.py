@@ -1,115 +1,73 @@
-"""The engines `t2r bench` measures, one context at a time: the teacher (transformers, KV cache),
-the converted model (reference step, fast step, compiled, with each weight format) and llama.cpp.
+"""The engines `t2r bench` measures, one engine at one context per child process: the teacher
+(`bench.teacher`: eager or compiled with a static cache), the converted model and its sliding-window
+baseline (reference step, fast step, compiled fast step), each in a weight format, and llama.cpp.
 
-Each `*_from_*` function is what a child process runs (`run.isolated`): it loads its model, measures
-and returns JSON-ready figures.
+`measure` is what a child runs (`run.isolated`): it loads the engine's model, converts its weights,
+drops the original (so that the child's memory is this engine's alone), prefills the prompt once
+untimed (its first `segment` tokens: the first calls' allocations and kernel set-up) and once timed,
+then decodes one block per batch size after warm-up steps (which include the compilation), and
+returns JSON-ready figures: one round (`run.run_bench` interleaves the rounds of all engines).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from t2r.evaluation.bench.memory import peak_rss, weight_bytes_per_token
+from t2r.evaluation.bench.cases import Case, Engine, decode_rate, timed
+from t2r.evaluation.bench.memory import peak_rss, release_memory, weight_bytes_per_token
+from t2r.evaluation.bench.teacher import teacher_cases
 from t2r.modeling.fast_decode import Decoder, FastState
 from t2r.modeling.model import T2RForCausalLM
 from t2r.ops.state import ModelState
 
 
-@dataclass
-class Case:
-    """One measured configuration."""
-
-    engine: str
-    context: int
-    batch: int
-    prefill_tokens_per_s: float | None
-    decode_tokens_per_s: float
-    peak_rss_bytes: int
-    state_bytes_per_sequence: int  # recurrent state, or KV cache at this context
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    contexts: tuple[int, ...] = (256, 1024, 2048, 4096, 8192, 16384, 32768)
-    batches: tuple[int, ...] = (1, 16)
-    steps: int = 16  # decode steps per timed block
-    repeats: int = 3  # timed blocks (median)
-    segment: int = 512  # prefill segment of the converted model
-    weights: tuple[str, ...] = ("fp32", "int4", "bf16")  # weight formats of the converted rows
-    compile: bool = True  # the compiled fast step as rows (besides the eager fp32 one)
-    reference_step: bool = True  # also `model.step`, the reference decode (batch 1)
-    # Rows of the training-free sliding-window baseline at the converted model's state bytes
-    # (`t2r.hub.load_baseline`), in the same weight formats: what the recurrent state must beat.
-    baseline: bool = False
-
-    @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> BenchSettings:
-        """From `asdict` after a JSON round trip (which turns the tuples into lists)."""
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()})
+def measure(engine: dict[str, Any], prompt: list[int], steps: int, segment: int, threads: int) -> dict[str, Any]:
+    """One round of `engine` (an `Engine` as a dict) on the prompt's token ids, in a child:
+    {"cases": [a Case dict per batch size], "weight_bytes_per_token": bytes one decode step reads}."""
+    spec = Engine.from_dict(engine)
+    torch.set_num_threads(threads)
+    ids = torch.tensor(prompt, dtype=torch.long)
+    if spec.kind == "llama.cpp":
+        prefill, rate, peak = llama_cpp_case(spec.source, prompt, steps, threads, warmup_tokens=segment)
+        case = Case(spec.name, len(prompt), 1, prefill, rate, peak, 0)
+        # Its bytes per token: every tensor of the GGUF, once a token.
+        return {"cases": [case.to_dict()], "weight_bytes_per_token": Path(spec.source).stat().st_size}
+    model = load_engine_model(spec)
+    compiled = spec.decoder == "compiled"
+    if spec.kind == "teacher":
+        cases = teacher_cases(model, ids, spec.batches, steps, spec.weights, compiled, spec.backend, segment)
+        weight_bytes = weight_bytes_per_token(model)
+    else:
+        make_stepper = reference_stepper if spec.decoder == "step" else stepper_for(Decoder(compiled, spec.backend))
+        batches = (1,) if spec.decoder == "step" else spec.batches  # the reference: batch 1 only
+        cases = converted_cases(model, spec.name, make_stepper, batches, ids, steps, segment)
+        weight_bytes = weight_bytes_per_token(model.base)
+    return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weight_bytes}
 
 
-def decode_rate(step: Callable[[], None], batch: int, steps: int, repeats: int, warmup: int = 2) -> float:
-    """Tokens/s (all rows counted): the median over `repeats` blocks of `steps` steps."""
-    for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        rates.append(batch * steps / (time.perf_counter() - start))
-    return statistics.median(rates)
+def load_engine_model(engine: Engine) -> nn.Module:
+    """The engine's model with its weights (the teacher, the converted model or its baseline),
+    with nothing else left in memory."""
+    from t2r.hub import load_baseline, load_converted, load_model
+    from t2r.modeling.quantize import with_weights
+
+    if engine.kind == "teacher":
+        model, _ = load_model(engine.source)
+    else:
+        model, _ = load_converted(Path(engine.source))
+        if engine.kind == "baseline":
+            model = load_baseline(model)
+    variant = with_weights(model, engine.weights)  # a copy unless fp32: the original goes
+    del model
+    release_memory()
+    return variant
 
 
-def teacher_stepper(teacher: nn.Module, cache: Any, token: torch.Tensor) -> Callable[[], None]:
-    """A decode step of the teacher with its KV cache (which grows by one position per step)."""
-    current = {"token": token[:, None]}
-
-    def step() -> None:
-        result = teacher(input_ids=current["token"], cache=cache, use_cache=True)
-        current["token"] = result.logits[:, -1].argmax(-1)[:, None]
-
-    return step
-
-
-@torch.no_grad()
-def teacher_cases(teacher: nn.Module, prompt: torch.Tensor, batches: list[int], steps: int, repeats: int) -> list[Case]:
-    """Prefill prompt [T] once at batch 1 (timed), then decode each batch size from copies of the cache."""
-    import copy
-
-    cases = []
-    with peak_rss() as peak:
-        start = time.perf_counter()
-        out = teacher(input_ids=prompt[None], use_cache=True, logits_to_keep=1)
-        prefill = len(prompt) / (time.perf_counter() - start)
-        prefill_peak = peak()
-    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
-    first = out.logits[:, -1].argmax(-1)
-    for batch in batches:
-        with peak_rss() as peak:
-            cache = copy.deepcopy(out.cache)
-            if batch > 1:
-                cache.batch_repeat_interleave(batch)
-            step = teacher_stepper(teacher, cache, first.repeat(batch))
-            rate = decode_rate(step, batch, steps, repeats)
-            del step, cache
-            case_peak = max(peak(), prefill_peak)
-        cases.append(Case("teacher", len(prompt), batch, prefill if batch == 1 else None, rate, case_peak, cache_bytes))
-    return cases
-
-
-@torch.no_grad()
 def prefill_converted(model: T2RForCausalLM, prompt: torch.Tensor, segment: int) -> tuple[torch.Tensor, ModelState]:
     """Chunked prefill of prompt [T] in segments that carry the state; the last logits [1, V]."""
     state = model.init_state(1)
@@ -151,43 +109,47 @@ def stepper_for(decoder: Decoder) -> Stepper:
 @torch.no_grad()
 def converted_cases(
     model: T2RForCausalLM,
-    engines: dict[str, tuple[Stepper, tuple[int, ...]]],
+    name: str,
+    make_stepper: Stepper,
+    batches: tuple[int, ...],
     prompt: torch.Tensor,
     steps: int,
-    repeats: int,
     segment: int,
-    prefilled: tuple[torch.Tensor, ModelState] | None = None,
-) -> tuple[list[Case], tuple[torch.Tensor, ModelState]]:
-    """Prefill once at batch 1 (timed) unless `prefilled` gives (logits, state), then decode with
-    each named (stepper, batch sizes). Returns the cases and the prefill's (logits, state)."""
+) -> list[Case]:
+    """One round of a converted (or baseline) engine at one context: prefill prompt [T] at batch 1
+    (timed, after an untimed prefill of its first segment), then decode each batch size from
+    copies of the prefilled state."""
+    prompt = prompt.to(model.device)
+    prefill_converted(model, prompt[:segment], segment)
     with peak_rss() as peak:
-        start = time.perf_counter()
-        logits, state = prefill_converted(model, prompt, segment) if prefilled is None else prefilled
-        prefill = len(prompt) / (time.perf_counter() - start) if prefilled is None else None
+        (logits, state), seconds = timed(lambda: prefill_converted(model, prompt, segment))
         prefill_peak = peak()
-    state_bytes = state.nbytes()
     cases = []
-    for name, (make_stepper, batches) in engines.items():
-        for batch in batches:
-            with peak_rss() as peak:
-                rows = torch.zeros(batch, dtype=torch.long)
-                step = make_stepper(model, state.select(rows), logits.argmax(-1).repeat(batch))
-                rate = decode_rate(step, batch, steps, repeats)
-                del step
-                case_peak = max(peak(), prefill_peak)
-            cases.append(Case(name, len(prompt), batch, prefill if batch == 1 else None, rate, case_peak, state_bytes))
-    return cases, (logits, state)
+    for batch in batches:
+        with peak_rss() as peak:
+            rows = torch.zeros(batch, dtype=torch.long, device=prompt.device)
+            step = make_stepper(model, state.select(rows), logits.argmax(-1).repeat(batch))
+            rate = decode_rate(step, batch, steps)
+            del step
+            case_peak = max(peak(), prefill_peak)
+        prefill_rate = len(prompt) / seconds if batch == 1 else None
+        cases.append(Case(name, len(prompt), batch, prefill_rate, rate, case_peak, state.nbytes()))
+    return cases
 
 
-def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> tuple[float, float, int]:
-    """llama.cpp (llama-cpp-python) on the GGUF: prefill tok/s, decode tok/s, peak RSS; batch 1."""
+def llama_cpp_case(
+    gguf: str, prompt: list[int], steps: int, threads: int, warmup_tokens: int = 512
+) -> tuple[float, float, int]:
+    """llama.cpp (llama-cpp-python) on the GGUF: prefill tok/s (after an untimed prefill of the
+    first `warmup_tokens`, then a reset), decode tok/s, peak RSS; batch 1."""
     from llama_cpp import Llama
 
     with peak_rss() as peak:
         llm = Llama(model_path=gguf, n_ctx=len(prompt) + 64, n_threads=threads, n_batch=512, verbose=False)
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prefill = len(prompt) / (time.perf_counter() - start)
+        llm.eval(prompt[:warmup_tokens])
+        llm.reset()  # the next eval starts at position 0 (it drops the cache from there on)
+        _, seconds = timed(lambda: llm.eval(prompt))
+        prefill = len(prompt) / seconds
 
         def last_argmax() -> int:
             # Without logits_all, llama-cpp-python keeps no scores: read the context's last logits.
@@ -201,105 +163,12 @@ def llama_cpp_case(gguf: str, prompt: list[int], steps: int, repeats: int, threa
             llm.eval(token)
             token[0] = last_argmax()
 
-        rate = decode_rate(step, 1, steps, repeats)
+        rate = decode_rate(step, 1, steps)
         llm.close()
     return prefill, rate, peak()
-
-
-def llama_cpp_cases_from_gguf(gguf: str, prompt: list[int], steps: int, repeats: int, threads: int) -> dict[str, Any]:
-    """`llama_cpp_case` as the other engines report, JSON-ready, for a child. Its bytes per token:
-    every tensor of the GGUF, once a token."""
-    prefill, rate, peak = llama_cpp_case(gguf, prompt, steps, repeats, threads)
-    case = Case("llama.cpp", len(prompt), 1, prefill, rate, peak, 0)
-    return {"cases": [case.to_dict()], "weight_bytes_per_token": {"llama.cpp": Path(gguf).stat().st_size}}
-
-
-def teacher_cases_from_spec(
-    spec: str, prompt: list[int], batches: list[int], steps: int, repeats: int, threads: int
-) -> dict[str, Any]:
-    """Load the teacher (as `t2r` names models) and run `teacher_cases`; JSON-ready, for a child."""
-    from t2r.hub import load_model
-
-    torch.set_num_threads(threads)
-    teacher, _ = load_model(spec)
-    cases = teacher_cases(teacher, torch.tensor(prompt, dtype=torch.long), batches, steps, repeats)
-    return {
-        "cases": [case.to_dict() for case in cases],
-        "weight_bytes_per_token": {"teacher": weight_bytes_per_token(teacher)},
-    }
-
-
-def converted_cases_from_folder(
-    folder: str, prompt: list[int], settings: dict[str, Any], threads: int
-) -> dict[str, Any]:
-    """Load the converted model in `folder` and run `converted_cases` for each weight format of
-    `settings` (a `BenchSettings` as a dict); JSON-ready, for a child."""
-    from t2r.hub import load_converted
-
-    torch.set_num_threads(threads)
-    model, _ = load_converted(Path(folder))
-    return _variant_cases(model, prompt, settings, "converted")
-
-
-def baseline_cases_from_folder(
-    folder: str, prompt: list[int], settings: dict[str, Any], threads: int
-) -> dict[str, Any]:
-    """As `converted_cases_from_folder`, for the sliding-window baseline of the converted model in
-    `folder` (its teacher over the same sinks and the window of equal state bytes)."""
-    from t2r.hub import load_baseline, load_converted
-
-    torch.set_num_threads(threads)
-    model, _ = load_converted(Path(folder))
-    return _variant_cases(load_baseline(model), prompt, settings, "baseline")
-
-
-def _variant_cases(model: T2RForCausalLM, prompt: list[int], settings: dict[str, Any], kind: str) -> dict[str, Any]:
-    bench = BenchSettings.from_dict(settings)
-    ids = torch.tensor(prompt, dtype=torch.long)
-    cases: list[Case] = []
-    weights: dict[str, int] = {}
-    fp32_prefill = None
-    for weight_format, variant, engines in converted_variants(model, bench, kind):
-        # int8 / int4 rows measure decoding: the fp32 prefill's state serves them (a prefill is
-        # compute-bound, and the weight-only kernels do not make it faster), so their prefill is not
-        # reported separately.
-        reuse = fp32_prefill if weight_format in ("int8", "int4") else None
-        found, prefilled = converted_cases(variant, engines, ids, bench.steps, bench.repeats, bench.segment, reuse)
-        if weight_format == "fp32":
-            fp32_prefill = prefilled
-        cases += found
-        for name in engines:
-            weights[name] = weight_bytes_per_token(variant.base)
-    return {"cases": [case.to_dict() for case in cases], "weight_bytes_per_token": weights}
 
 
 def llama_cpp_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llama_cpp") is not None
-
-
-def engine_name(weights: str, compiled: bool, kind: str = "converted") -> str:
-    """ "converted (fast)", "converted (compiled, int8)", "baseline (fast)", ...: how a row decodes."""
-    return f"{kind} ({'compiled' if compiled else 'fast'}{'' if weights == 'fp32' else ', ' + weights})"
-
-
-def converted_variants(
-    model: T2RForCausalLM, settings: BenchSettings, kind: str = "converted"
-) -> list[tuple[str, T2RForCausalLM, dict[str, tuple[Stepper, tuple[int, ...]]]]]:
-    """(weight format, model with those weights, engines) for each row set of `kind` (converted or
-    baseline; only the converted model has the reference-step row)."""
-    from t2r.modeling.quantize import with_weights
-
-    batches = tuple(settings.batches)
-    variants = []
-    for weights in settings.weights:
-        engines: dict[str, tuple[Stepper, tuple[int, ...]]] = {}
-        if weights == "fp32" or not settings.compile:
-            engines[engine_name(weights, False, kind)] = (stepper_for(Decoder()), batches)
-        if settings.compile:  # one compiled decoder per weight format: compiled once, reused
-            engines[engine_name(weights, True, kind)] = (stepper_for(Decoder(compile=True)), batches)
-        if weights == "fp32" and settings.reference_step and kind == "converted":
-            engines["converted (step)"] = (reference_stepper, (1,))  # the reference, batch 1 only
-        variants.append((weights, with_weights(model, weights), engines))
-    return variants
