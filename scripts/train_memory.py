@@ -19,8 +19,10 @@ BENCHMARKS.md section "train-memory" (another model: train_memory_MODEL.json, "t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,8 @@ SETTINGS = {
     "after": [],
     "after, old loss, no sharing": ["--loss-chunk", "0", "--no-share-weights"],
     "after, layers kept for backward": ["--no-checkpoint-layers"],
+    # Every memory feature of this checkout off: the old setting, reachable without the old commit.
+    "after, every memory feature off": ["--loss-chunk", "0", "--no-share-weights", "--no-checkpoint-layers"],
 }
 CHILD = (
     "import json, resource, sys, time, t2r; from t2r.cli import main; started = time.perf_counter(); "
@@ -52,17 +56,41 @@ def run(setting: str, args: argparse.Namespace, folder: Path, code: Path) -> dic
                "--transfer-steps", str(args.steps), "--finetune-steps", str(args.steps), "--eval-blocks", "2",
                *(["--teacher", args.teacher] if args.teacher else []), *SETTINGS[setting]]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(code)}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=code, env=environment)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("T2R_PEAK ")]
-    if done.returncode or not lines:
-        raise SystemExit(f"{setting}: t2r train failed:\n{done.stderr[-3000:]}")
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        # The child volunteers first for the kernel's out-of-memory killer (a setting that needs more
+        # than the machine has is killed, not whatever else runs here); os.wait4 gives the child's own
+        # peak RSS even when it was killed, which subprocess.run would lose.
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, cwd=code, env=environment,
+                                 preexec_fn=volunteer_for_oom_killer)  # fmt: skip
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        output, errors = stdout.read(), stderr.read()
+    if child.returncode < 0:
+        signal_name = signal.Signals(-child.returncode).name
+        result = {"exit": None, "killed": signal_name, "peak_bytes": usage.ru_maxrss * 1024, "finetune_losses": []}
+        print(setting, json.dumps(result), errors[-600:], file=sys.stderr, flush=True)
+        return result
+    lines = [line for line in output.splitlines() if line.startswith("T2R_PEAK ")]
+    if child.returncode or not lines:
+        raise SystemExit(f"{setting}: t2r train failed:\n{errors[-3000:]}")
     result = json.loads(lines[-1].removeprefix("T2R_PEAK "))
     if result["exit"] != 0:
-        raise SystemExit(f"{setting}: t2r train exited with {result['exit']}:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{setting}: t2r train exited with {result['exit']}:\n{errors[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result["finetune_losses"] = [m["loss"] for m in metrics if m.get("stage") == "finetune" and "loss" in m]
     print(setting, json.dumps(result), file=sys.stderr, flush=True)
     return result
+
+
+def total_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def volunteer_for_oom_killer() -> None:
+    """In the child before exec: the highest out-of-memory score (any process may raise its own)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("1000")
 
 
 def main() -> None:
@@ -94,26 +122,38 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
     peak = {name: max(r["peak_bytes"] for r in rows) for name, rows in results.items()}
+    # A setting killed for memory peaked at more than its RSS when killed: its figure is a floor.
+    killed = {name for name, rows in results.items() if any(r.get("killed") for r in rows)}
     record = {"model": args.model, "before_model": args.before_model or args.model, "before": args.before,
               "settings": settings, "steps": args.steps, "rounds": args.rounds,
-              "runs": results, "peak_bytes": peak,
-              "ratio": peak["after"] / peak["before"]}  # fmt: skip
+              "runs": results, "peak_bytes": peak, "killed": sorted(killed),
+              "ratio": peak["after"] / peak["before"], "ratio_is_upper_bound": "before" in killed}  # fmt: skip
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     losses = {name: rows[0]["finetune_losses"] for name, rows in results.items()}
+    memory = total_memory_bytes()
+
+    def peak_cell(name: str) -> str:
+        if name not in killed:
+            return f"{peak[name] / 2**30:.2f} GiB"
+        why = f"killed by {results[name][0]['killed']}: out of {memory / 2**30:.0f} GiB"
+        return f"> {peak[name] / 2**30:.2f} GiB ({why})"
+
+    ratio = f"{'< ' if record['ratio_is_upper_bound'] else ''}{record['ratio']:.2f}"
     body = "\n".join([
         f"`python scripts/train_memory.py --model {args.model} --steps {args.steps} --rounds {args.rounds}"
         f"{' --before-model ' + args.before_model if args.before_model else ''}"
-        f"{'' if settings == list(SETTINGS) else ' --settings ' + ','.join(settings)}` — "
+        f"{'' if settings == list(SETTINGS) else ' --settings ' + repr(','.join(settings))}` — "
         "`t2r train` on the default recipe's shape (batch 4 x 512, window-64 hybrid, LoRA-8), "
-        f"{args.steps} steps of each stage, each setting in its own child process; peak RSS (ru_maxrss).",
+        f"{args.steps} steps of each stage, each setting in its own child process; peak RSS (the child's "
+        f"ru_maxrss, from os.wait4); this machine has {memory / 2**30:.1f} GiB.",
         "",
         "| setting | peak RSS | fine-tuning losses |",
         "|---|---:|---|",
         *(f"| {name} (`{' '.join(SETTINGS[name]) or ('commit ' + args.before if name == 'before' else 'defaults')}`) "
-          f"| {peak[name] / 2**30:.2f} GiB | "
-          f"{', '.join(f'{x:.4f}' for x in losses[name])} |" for name in settings),
+          f"| {peak_cell(name)} | "
+          f"{', '.join(f'{x:.4f}' for x in losses[name]) or '-'} |" for name in settings),
         "",
-        f"- **after / before: {record['ratio']:.2f}** (bar <= 0.60: {'met' if record['ratio'] <= 0.6 else 'not met'}).",
+        f"- **after / before: {ratio}** (bar <= 0.60: {'met' if record['ratio'] <= 0.6 else 'not met'}).",
     ])  # fmt: skip
     if default_model:
         replace_section(ROOT / "BENCHMARKS.md", "train-memory", body, "Training memory: chunked losses, shared weights")

@@ -68,6 +68,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2r"
 
 
+def compiled_steps_folder() -> Path:
+    """Where `--compile` keeps decode steps compiled ahead of time (t2r.modeling.step_artifacts)."""
+    return cache_root() / "compiled-steps"
+
+
 def alias_path(alias: str) -> Path:
     package, file_name = ALIASES[alias]
     spec = importlib.util.find_spec(package)

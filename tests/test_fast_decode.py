@@ -306,3 +306,38 @@ def test_batched_generation_equals_one_prompt_at_a_time() -> None:
     # none when the prefill gave the stop token).
     steps = [len(r.new_tokens) - (len(r.new_tokens) == 12) for r in batched]
     assert batched[0].later_step_rows == sum(max(n - 1, 0) for n in steps)
+
+
+def test_compiled_step_is_kept_and_loaded_by_the_next_decoder(tmp_path) -> None:
+    """`Decoder(compile=True, artifacts=folder)`: the first decoder compiles the step ahead of time
+    and keeps it; a second decoder (a fresh compiler, as in a new process) loads the file instead
+    of compiling, and it is still exact for a model of other weights (the file holds code, not
+    weights) and for a smaller batch (its guards reject it: the lazy step runs)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
+    assert_fast_path_matches_reference(model, Decoder(compile=True, backend="aot_eager", artifacts=tmp_path))
+    kept = list(tmp_path.iterdir())
+    assert len(kept) == 1 and kept[0].suffix == ".pt"
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    loaded = Decoder(compile=True, backend="aot_eager", artifacts=tmp_path)
+    assert_fast_path_matches_reference(model, loaded)
+    assert list(tmp_path.iterdir()) == kept and loaded._ahead is not None
+    ids, mask = left_padded_batch()
+    with torch.no_grad():
+        _, state = model(ids[:, :20], mask[:, :20], form="chunked")
+        alone = FastState.from_model_state(state).select(torch.tensor([1]))
+        assert not loaded._ahead.guard_check(model, ids[1:, 20], alone)
+        expected, state = model.step(ids[:, 20], state)
+        assert (loaded(model, ids[1:, 20], alone) - expected[1:]).abs().max() <= TOLERANCE
+
+
+def test_a_growing_cache_is_not_compiled_ahead_of_time(tmp_path) -> None:
+    """A layer kept as softmax grows its cache every step: no artifact (it would serve one step)."""
+    torch._dynamo.reset()
+    model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5, softmax_layers=(1,)))
+    assert_fast_path_matches_reference(model, Decoder(compile=True, backend="aot_eager", artifacts=tmp_path))
+    assert list(tmp_path.iterdir()) == []

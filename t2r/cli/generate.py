@@ -20,7 +20,12 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="decode with fp32, bf16, int8 or int4 weight-only projections (the state stays fp32)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (compiles once)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: the first run compiles and keeps the step in "
+        "$T2R_CACHE_DIR/compiled-steps (default ~/.cache/t2r), later runs load it in seconds",
+    )
 
 
 def add_parser(commands: Any) -> None:
@@ -46,10 +51,11 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from t2r.hub import load_model
+    from t2r.hub import compiled_steps_folder, load_model
     from t2r.inference.generate import generate_batch
     from t2r.inference.sampling import Sampling
     from t2r.modeling.fast_decode import Decoder
+    from t2r.modeling.fused import fuse_projections
     from t2r.modeling.model import T2RForCausalLM
     from t2r.modeling.quantize import with_weights
 
@@ -61,8 +67,8 @@ def run(args: argparse.Namespace) -> None:
     prompts = [encode(tokenizer, prompt, args.chat) for prompt in args.prompt]
     stop_ids = frozenset() if args.ignore_eos else eos_ids(tokenizer, model)
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = with_weights(model, args.weights)
-    decoder = Decoder(compile=args.compile)
+    model = with_weights(fuse_projections(model), args.weights)  # stacked q/k/v, gate/up: fewer kernels
+    decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
     if len(prompts) == 1:  # stream the one completion as it is decoded
         import torch
         from transformers import TextStreamer

@@ -14,12 +14,14 @@ grows anyway). Every function here is tested against `model.step`: logits and st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
+from t2r.modeling.step_artifacts import load_or_compile
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState
 from t2r.ops.windowed import capped
 
@@ -333,12 +335,29 @@ class Decoder:
     The first call compiles (what that costs: BENCHMARKS.md, bench notes); a new batch size
     recompiles once, then the batch dimension is dynamic. The compiled step is tested equal to
     `model.step`.
+
+    With `artifacts` (a folder), the first call's step is compiled ahead of time and kept there
+    (`t2r.modeling.step_artifacts`): the next process loads it in seconds instead of compiling.
+    Calls its guards reject (another batch size, a growing softmax cache) take the lazy step.
     """
 
-    def __init__(self, compile: bool = False, backend: str = "inductor") -> None:
+    def __init__(self, compile: bool = False, backend: str = "inductor", artifacts: Path | None = None) -> None:
         # backend "aot_eager" traces and functionalises the same graph without generating code:
         # the quick test of the capture (in-place state updates, ring indices); inductor is the speed.
         self._step = torch.compile(fast_step, backend=backend) if compile else fast_step
+        self._backend = backend
+        self._artifacts = artifacts if compile else None
+        self._ahead: Any = None  # the ahead-of-time step, once the first call has made or loaded it
 
     def __call__(self, model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
+        if self._artifacts is not None:
+            folder, self._artifacts = self._artifacts, None  # one try, at the first call
+            # A softmax layer's cache grows every step: a step specialised on its shape would
+            # serve one call.
+            if not any(isinstance(layer, KVCacheState) for layer in state.layers):
+                self._ahead = load_or_compile(fast_step, (model, input_ids, state), folder, self._backend)
+                if self._ahead is not None:
+                    self._ahead.disable_guard_check()  # checked here, once per call
+        if self._ahead is not None and self._ahead.guard_check(model, input_ids, state):
+            return self._ahead(model, input_ids, state)
         return self._step(model, input_ids, state)

@@ -10,9 +10,10 @@ from typing import Any
 import uvicorn
 
 from t2r.errors import UsageError
-from t2r.hub import load_model
+from t2r.hub import compiled_steps_folder, load_model
 from t2r.inference.stopping import eos_ids
 from t2r.modeling.fast_decode import Decoder
+from t2r.modeling.fused import fuse_projections
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.quantize import with_weights
 from t2r.serving.app import Settings, create_app
@@ -44,7 +45,7 @@ def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metri
         )
     except OSError as error:  # a --sessions-dir that cannot be made or written
         raise UsageError(f"--sessions-dir {args.sessions_dir}: {error.strerror or error}") from None
-    decoder = Decoder(compile=args.compile)
+    decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
     engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions)
     return engine, sessions
 
@@ -53,7 +54,7 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
-    model = with_weights(model, args.weights)
+    model = with_weights(fuse_projections(model), args.weights)  # stacked q/k/v, gate/up: fewer kernels
     name = args.served_model_name or Path(args.model).name
     metrics = Metrics()
     engine, sessions = build_engine(model, args, metrics, name)

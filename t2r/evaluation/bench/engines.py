@@ -54,6 +54,7 @@ def load_engine_model(engine: Engine) -> nn.Module:
     """The engine's model with its weights (the teacher, the converted model or its baseline),
     with nothing else left in memory."""
     from t2r.hub import load_baseline, load_converted, load_model
+    from t2r.modeling.fused import fuse_projections
     from t2r.modeling.quantize import with_weights
 
     if engine.kind == "teacher":
@@ -62,6 +63,7 @@ def load_engine_model(engine: Engine) -> nn.Module:
         model, _ = load_converted(Path(engine.source))
         if engine.kind == "baseline":
             model = load_baseline(model)
+        model = fuse_projections(model)  # q/k/v and gate/up stacked, as `t2r generate` decodes
     variant = with_weights(model, engine.weights)  # a copy unless fp32: the original goes
     del model
     release_memory()

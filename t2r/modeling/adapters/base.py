@@ -91,6 +91,10 @@ class Adapter:
         """The teacher's attention window of this layer, in tokens (None: it sees every token)."""
         return None
 
+    def fuse_projections(self, layer: nn.Module, attention: nn.Module) -> None:
+        """Stack the projections of one block that read the same input (t2r.modeling.fused), in
+        place; `attention` is the teacher's attention module. Default: leave them separate."""
+
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         """[B, T, H * D] -> [B, T, E]: the output projection (and its dropout)."""
         raise NotImplementedError

@@ -29,6 +29,7 @@ import torch.nn as nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from t2r.modeling.adapters.base import Adapter, Attend, HeadShape
+from t2r.modeling.fused import FusedGatedMLP, stacked
 
 
 class LlamaAdapter(Adapter):
@@ -66,10 +67,13 @@ class LlamaAdapter(Adapter):
 
     def project_heads(self, attention: nn.Module, hidden: torch.Tensor):
         shape = (*hidden.shape[:-1], -1, attention.head_dim)
-        if hasattr(attention, "qkv_proj"):  # Phi-3: [q | k | v] in one projection
-            q_size = attention.config.num_attention_heads * attention.head_dim
-            kv_size = attention.num_key_value_heads * attention.head_dim
-            q, k, v = attention.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        if hasattr(attention, "qkv_proj"):  # Phi-3, or stacked for decoding: [q | k | v] in one projection
+            sizes = getattr(attention, "qkv_sizes", None)
+            if sizes is None:  # Phi-3's own
+                q_size = attention.config.num_attention_heads * attention.head_dim
+                kv_size = attention.num_key_value_heads * attention.head_dim
+                sizes = [q_size, kv_size, kv_size]
+            q, k, v = attention.qkv_proj(hidden).split(sizes, dim=-1)
         else:
             q, k, v = attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
@@ -104,6 +108,16 @@ class LlamaAdapter(Adapter):
         if hasattr(attention, "sliding_window"):  # set per layer (Qwen2/3, Gemma 3: None on global layers)
             return attention.sliding_window
         return getattr(attention.config, "sliding_window", None) if attention.config.model_type == "mistral" else None
+
+    def fuse_projections(self, layer: nn.Module, attention: nn.Module) -> None:
+        if all(isinstance(getattr(attention, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj")):
+            separate = (attention.q_proj, attention.k_proj, attention.v_proj)
+            attention.qkv_proj = stacked(separate)
+            attention.qkv_sizes = [linear.out_features for linear in separate]
+            del attention.q_proj, attention.k_proj, attention.v_proj
+        mlp = layer.mlp
+        if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj")):
+            layer.mlp = FusedGatedMLP(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn)
 
     def output(self, attention: nn.Module, heads_out: torch.Tensor) -> torch.Tensor:
         return attention.o_proj(heads_out)

@@ -1,0 +1,97 @@
+"""Compiled decode steps kept on disk, so that a second process does not compile again.
+
+`torch.compile` compiles lazily in every new process: Dynamo traces the step again (seconds to
+minutes for a 30-layer model), even when inductor's own cache has the kernels. PyTorch's
+ahead-of-time path (`torch.compile(fn, fullgraph=True).aot_compile(example)`, then
+`save_compiled_function` / `torch.compiler.load_compiled_function`) keeps the whole result —
+the traced bytecode, its guards and the generated code — in one file that loads in seconds.
+
+The file holds code, not weights: the model is an argument of the step, so one artifact serves
+every model of the same shapes, dtypes and module types (tested with other weights). It is keyed
+by everything the compiled code was specialised on (the torch version, t2r's modeling and ops
+sources, every parameter's name, shape and dtype, the module types, the inputs' shapes) and its
+guards are checked again on every call: a call they reject runs the lazily compiled step instead.
+
+    step = load_or_compile(fast_step, (model, ids, state), folder, backend="inductor")
+    if step is not None and step.guard_check(model, ids, state): logits = step(model, ids, state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The sources a compiled step is made of: a change to any of them makes a new artifact.
+SOURCE_ROOTS = ("modeling", "ops")
+
+
+def artifact_key(function: Callable, args: tuple, backend: str) -> str:
+    """A hex digest of everything the compiled `function(*args)` is specialised on."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for root in SOURCE_ROOTS:
+        for path in sorted((package / root).rglob("*.py")):
+            digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    description = {
+        "function": f"{function.__module__}.{function.__qualname__}",
+        "backend": backend,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "args": [describe(arg) for arg in args],
+    }
+    digest.update(json.dumps(description, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def describe(value: Any) -> Any:
+    """What compiled code specialises on: shapes, dtypes, devices, module types, plain values."""
+    if isinstance(value, torch.Tensor):
+        return ["tensor", list(value.shape), str(value.dtype), str(value.device)]
+    if isinstance(value, torch.nn.Module):
+        modules = [[name, type(module).__qualname__] for name, module in value.named_modules()]
+        tensors = [[name, describe(t)] for name, t in (*value.named_parameters(), *value.named_buffers())]
+        config = getattr(value, "config", None)
+        return {"modules": modules, "tensors": tensors, "config": config.to_dict() if config is not None else None}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return [type(value).__qualname__, fields]
+    if isinstance(value, list | tuple):
+        return [describe(item) for item in value]
+    return repr(value)
+
+
+def load_or_compile(function: Callable, args: tuple, folder: Path, backend: str = "inductor") -> Any | None:
+    """The ahead-of-time compiled `function` for `args`: loaded from `folder`, else compiled there.
+
+    Returns an `AOTCompiledFunction` (callable like `function`, with `guard_check(*args)`), or None
+    when PyTorch cannot compile or load it ahead of time (the caller then compiles lazily).
+    """
+    path = folder / f"{artifact_key(function, args, backend)}.pt"
+    if path.exists():
+        try:
+            with path.open("rb") as file:
+                return torch.compiler.load_compiled_function(file)
+        except Exception as error:  # a stale or partial file: compile again below
+            log.warning("t2r: compiled step %s did not load (%s); compiling again", path, error)
+    try:
+        compiled = torch.compile(function, fullgraph=True, backend=backend).aot_compile((args, {}))
+    except Exception as error:  # a graph break or an unsupported operation: the lazy path
+        log.warning("t2r: the step does not compile ahead of time (%s); compiling lazily", error)
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        compiled.save_compiled_function(str(path))  # written atomically by PyTorch
+    except Exception as error:  # an unserialisable artifact still runs in this process
+        log.warning("t2r: compiled step not saved to %s (%s)", path, error)
+    return compiled
