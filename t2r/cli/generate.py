@@ -69,21 +69,44 @@ def run(args: argparse.Namespace) -> None:
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     model = with_weights(fuse_projections(model), args.weights)  # stacked q/k/v, gate/up: fewer kernels
     decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
+    clock = FirstDecodedToken(len(prompts))
     if len(prompts) == 1:  # stream the one completion as it is decoded
         import torch
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_special_tokens=True)
         print(args.prompt[0] if not args.chat else "", end="", flush=True)
-        stream = lambda row, token: streamer.put(torch.tensor([token]))  # noqa: E731
+
+        def stream(row: int, token: int) -> None:
+            clock(row, token)
+            streamer.put(torch.tensor([token]))
+
         results = generate_batch(model, prompts, args.max_new_tokens, sampling, stream, stop_ids, decoder)
         streamer.end()
     else:
-        results = generate_batch(model, prompts, args.max_new_tokens, sampling, stop_ids=stop_ids, step=decoder)
+        results = generate_batch(model, prompts, args.max_new_tokens, sampling, clock, stop_ids, decoder)
         for prompt, result in zip(args.prompt, results, strict=True):
             text = tokenizer.decode(result.new_tokens, skip_special_tokens=True)
             print(f"--- {prompt!r}\n{prompt if not args.chat else ''}{text}", flush=True)
-    print(speed_line(results, args.compile), file=sys.stderr)
+    print(speed_line(results, args.compile, clock.seconds), file=sys.stderr)
+
+
+class FirstDecodedToken:
+    """An `on_token` callback that notes when the first decoded token came, in seconds since the
+    process started (imports, loading, prefill and a compilation included): the first `rows` tokens
+    come from the prefill's logits, the next from the first decode step."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.tokens, self.seconds = rows, 0, None
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens += 1
+        if self.tokens == self.rows + 1:
+            import time
+
+            import psutil
+
+            self.seconds = time.time() - psutil.Process().create_time()
 
 
 def encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
@@ -100,7 +123,7 @@ def encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
     return ids
 
 
-def speed_line(results: list[Any], compiled: bool) -> str:
+def speed_line(results: list[Any], compiled: bool, first_decoded: float | None = None) -> str:
     """The last line on stderr: tokens, prefill, first step, steady speed, state size, peak memory."""
     result = results[0]
     new_tokens = sum(len(r.new_tokens) for r in results)
@@ -117,6 +140,7 @@ def speed_line(results: list[Any], compiled: bool) -> str:
     return (
         f"[{new_tokens} new tokens after a {result.prompt_tokens}-token prompt{more}; "
         f"prefill {result.prefill_seconds:.2f} s; first step {result.first_step_seconds:.2f} s"
-        f"{' (compiling)' if compiled else ''}; then {rate:.1f} tokens/s; "
+        f"{' (compiling or loading the compiled step)' if compiled else ''}; then {rate:.1f} tokens/s; "
+        f"{'' if first_decoded is None else f'first decoded token {first_decoded:.1f} s after the process started; '}"
         f"state {result.state_bytes / 2**20:.2f} MiB{growth}; peak RSS {peak_rss_bytes() / 2**20:.0f} MiB]"
     )
