@@ -48,6 +48,7 @@ def artifact_key(function: Callable, args: tuple, backend: str) -> str:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "threads": torch.get_num_threads(),  # inductor's CPU kernels are generated for a thread count
         "args": [describe(arg) for arg in args],
     }
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
