@@ -5,7 +5,8 @@ tensors, each layer recomputed in backward, validation one block at a time), thi
 old loss and no sharing, and this checkout keeping every layer's activations (no recomputation).
 
     python scripts/train_memory.py [--model smollm2-135m] [--before c6be34b] [--steps 3] [--rounds 1]
-    python scripts/train_memory.py --model qwen2.5-coder-0.5b --before-model PATH.gguf --settings before,after
+    python scripts/train_memory.py --model qwen2.5-coder-0.5b --before-model PATH.gguf \\
+        --setting before --setting after
 
 (the commit before knows no alias of the extra teachers: --before-model gives it the same GGUF file
 by path).
@@ -101,12 +102,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--before-model", help="the model as the --before commit names it (default: --model)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
+    parser.add_argument(
+        "--setting", action="append", dest="settings", help="repeatable (default: all), of: " + "; ".join(SETTINGS)
+    )
     parser.add_argument("--out", type=Path, help="default: benchmarks/train_memory[_MODEL].json")
     args = parser.parse_args()
-    settings = [name.strip() for name in args.settings.split(",")]
+    settings = args.settings or list(SETTINGS)
     if unknown := [name for name in settings if name not in SETTINGS] or not {"before", "after"} <= set(settings):
-        parser.error(f"--settings: {unknown or 'before and after are needed'}; known: {', '.join(SETTINGS)}")
+        parser.error(f"--setting: {unknown or 'before and after are needed'}; known: {'; '.join(SETTINGS)}")
     default_model = args.model == "smollm2-135m"
     args.out = args.out or ROOT / "benchmarks" / f"train_memory{'' if default_model else '_' + args.model}.json"
     results: dict[str, list[dict]] = {name: [] for name in settings}
@@ -142,7 +145,7 @@ def main() -> None:
     body = "\n".join([
         f"`python scripts/train_memory.py --model {args.model} --steps {args.steps} --rounds {args.rounds}"
         f"{' --before-model ' + args.before_model if args.before_model else ''}"
-        f"{'' if settings == list(SETTINGS) else ' --settings ' + repr(','.join(settings))}` — "
+        f"{'' if settings == list(SETTINGS) else ''.join(f' --setting {name!r}' for name in settings)}` — "
         "`t2r train` on the default recipe's shape (batch 4 x 512, window-64 hybrid, LoRA-8), "
         f"{args.steps} steps of each stage, each setting in its own child process; peak RSS (the child's "
         f"ru_maxrss, from os.wait4); this machine has {memory / 2**30:.1f} GiB.",
