@@ -67,8 +67,8 @@ def run(setting: str, args: argparse.Namespace, folder: Path, code: Path) -> dic
         child.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0), stderr.seek(0)
         output, errors = stdout.read(), stderr.read()
-    if child.returncode < 0:
-        signal_name = signal.Signals(-child.returncode).name
+    if child.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+        signal_name = signal.Signals.SIGKILL.name
         result = {"exit": None, "killed": signal_name, "peak_bytes": usage.ru_maxrss * 1024, "finetune_losses": []}
         print(setting, json.dumps(result), errors[-600:], file=sys.stderr, flush=True)
         return result
