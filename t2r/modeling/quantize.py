@@ -7,13 +7,12 @@ q/k/v/o, the MLP, the output head: every `nn.Linear`, and every transformers `Co
 transposed linear layer); the feature maps, the norms and the embedding lookup stay.
 - `Int8Linear`: an int8 matrix and one scale per output row (w ~ scale * w_int8, round to nearest),
   multiplied by PyTorch's `_weight_int8pack_mm` CPU kernel, which reads the int8 weights directly.
-- `Int4Linear`: 4-bit codes with a scale and a zero per group of 32 inputs of each output row
-  (w ~ (q - 8) * scale + zero, q in 0..15; min/max per group), multiplied by PyTorch's
-  `_weight_int4pack_mm_for_cpu` kernel. The default model's GGUF stores its weights as 4-bit
-  blocks of 32 with a scale and a minimum (Q4_1), the same grid: its weights round-trip up to
-  bf16 rounding (the kernel's scales, zeros and arithmetic are bf16).
-Both kernels take bf16 activations: the int8 kernel's fp32-activation path is a slow one at batch 1
-(BENCHMARKS.md, bench notes), and the int4 kernel takes only bf16. Inputs are cast in and outputs back.
+- `Int4Linear`: 4-bit blocks of 32 inputs with a step and a minimum in fp16 (w ~ d * q + m, q in
+  0..15; min/max per block): ggml's Q4_1, the format of the default model's GGUF, whose weights
+  round-trip exactly. Multiplied by t2r's own AVX2 kernel (t2r.ops.int4_matmul: int8 activations,
+  integer dot products, ~2x PyTorch's `_weight_int4pack_mm_for_cpu` at batch 1 here).
+The int8 kernel takes bf16 activations: its fp32-activation path is a slow one at batch 1
+(BENCHMARKS.md, bench notes). Inputs are cast in and outputs back.
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ from transformers.pytorch_utils import Conv1D
 
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
+from t2r.ops.int4_matmul import GROUP as INT4_GROUP
+from t2r.ops.int4_matmul import dequantise_int4, int4_matmul, kernel_available, quantise_int4
 
 GEMV_ROWS = 16  # up to this many rows (decode batches), the int8 kernel; more (a prefill), dequantise
-INT4_GROUP = 32  # inputs per scale and zero (the GGUF Q4_1 block)
 
 
 class Int8Linear(nn.Module):
@@ -57,41 +57,32 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ w.T + bias with w [out, in] stored as 4-bit codes, for x [..., in] in any float dtype.
+    """y = x @ w.T + bias with w [out, in] in 4-bit blocks of 32 inputs (ggml's Q4_1 layout), x [..., in].
 
-    packed [out, in / 2] uint8 (the kernel's layout); scales_and_zeros [in / 32, out, 2] bf16; per
-    group g of 32 inputs of row o: w[o, g*32 + i] = (q - 8) * scale[g, o] + zero[g, o].
+    blocks [out, in / 32, 20] uint8: per block d and m (fp16) and 32 codes q in 0..15, w = d * q + m
+    (t2r.ops.int4_matmul). Decoding rows go through t2r's AVX2 kernel (activations rounded to int8
+    per block of 32); a prefill, another device or a CPU without the kernel multiplies by the
+    dequantised matrix.
     """
 
-    def __init__(self, linear: nn.Linear, group: int = INT4_GROUP) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        out_features, in_features = linear.weight.shape
-        weight = linear.weight.detach().float().view(out_features, in_features // group, group)
-        low, high = weight.amin(-1), weight.amax(-1)  # [out, groups]
-        scale = ((high - low) / 15).clamp(min=1e-12)
-        codes = torch.round((weight - low[..., None]) / scale[..., None]).clamp(0, 15)
-        zero = low + 8 * scale  # (q - 8) * scale + zero == q * scale + low
-        codes = codes.view(out_features, in_features).to(torch.int32)
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous())
+        self.register_buffer("blocks", quantise_int4(linear.weight))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        kernel_available()  # built (or found wanting) now, not inside a compiled graph
 
     @staticmethod
-    def fits(linear: nn.Linear, group: int = INT4_GROUP) -> bool:
-        """Whether the kernel takes this shape (whole groups of inputs, rows in blocks of 16)."""
-        out_features, in_features = linear.weight.shape
-        return in_features % group == 0 and out_features % 16 == 0
+    def fits(linear: nn.Linear) -> bool:
+        """Whether the blocks take this shape (whole blocks of 32 inputs)."""
+        return linear.weight.shape[1] % INT4_GROUP == 0
 
     def dequantised(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, [out, in] fp32 (for tests)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        columns = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scales_and_zeros)
-        return columns.float().T.contiguous()
+        """The weight the kernel multiplies by, [out, in] fp32."""
+        return dequantise_int4(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_zeros).float()
+        out = int4_matmul(x.reshape(-1, self.in_features), self.blocks)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

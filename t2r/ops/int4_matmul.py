@@ -1,0 +1,125 @@
+"""y = x @ w.T with w in 4-bit blocks (ggml's Q4_1 layout): the format, its reference and its CPU kernel.
+
+A block holds 32 inputs of one output row in 20 bytes: d and m (fp16), then 32 codes q in 0..15
+(byte i: input i in the low nibble, input i + 16 in the high one); w[i] = d * q[i] + m. The default
+model's GGUF stores its layers in exactly this format.
+
+    quantise_int4(weight)                  [N, K] float -> blocks [N, K / 32, 20] uint8
+    dequantise_int4(blocks)                 -> [N, K] fp32
+    int4_matmul_reference(x, blocks, ...)  the spec: fp32, dequantised weight; with
+                                           `round_activations`, x rounded to int8 per block of 32 as
+                                           the kernel does (scale max|x| / 127, round half to even)
+    int4_matmul(x, blocks)                 the kernel for up to GEMV_ROWS rows of x on an AVX2 CPU
+                                           (int4_matmul.cpp, built once by torch.utils.cpp_extension),
+                                           the dequantised matmul otherwise (a prefill, a GPU, no compiler)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+GROUP = 32  # inputs per block
+BLOCK_BYTES = 20  # 2 (d) + 2 (m) + 16 (32 codes)
+GEMV_ROWS = 16  # up to this many rows of x (decode batches) the kernel; more (a prefill): dequantise
+
+
+def quantise_int4(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] float (K a multiple of 32) -> blocks [N, K / 32, 20] uint8: per block, the minimum m and
+    the step d = (max - min) / 15 (both rounded to fp16), codes round((w - m) / d) in 0..15."""
+    out_features, in_features = weight.shape
+    if in_features % GROUP:
+        raise ValueError(f"int4 blocks need inputs in multiples of {GROUP}, not {in_features}")
+    grouped = weight.detach().float().view(out_features, in_features // GROUP, GROUP)
+    low = grouped.amin(-1).half()
+    step = ((grouped.amax(-1) - low.float()) / 15).half()
+    safe = step.float().clamp(min=torch.finfo(torch.float16).tiny)
+    codes = torch.round((grouped - low.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
+    nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # [N, G, 16]
+    header = torch.stack([step, low], -1).view(torch.uint8)  # [N, G, 4]: d then m, little-endian fp16
+    return torch.cat([header, nibbles], -1).contiguous()
+
+
+def dequantise_int4(blocks: torch.Tensor) -> torch.Tensor:
+    """blocks [N, G, 20] uint8 -> w [N, G * 32] fp32."""
+    header = blocks[..., :4].contiguous().view(torch.float16).float()  # [N, G, 2]
+    nibbles = blocks[..., 4:]
+    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).float()  # [N, G, 32]
+    weight = codes * header[..., :1] + header[..., 1:]
+    return weight.reshape(blocks.shape[0], -1)
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 as the kernel sees it: per block of 32, step = max|x| / 127, codes round(x / step)."""
+    grouped = x.float().view(x.shape[0], -1, GROUP)
+    step = grouped.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+    return (torch.round(grouped * inverse) * step).view_as(x)
+
+
+def int4_matmul_reference(x: torch.Tensor, blocks: torch.Tensor, round_activations: bool = False) -> torch.Tensor:
+    """The spec. x [M, K], blocks [N, K / 32, 20] -> [M, N] fp32.
+
+    With `round_activations` the product is the kernel's: its int8 inputs times the weight, except that
+    the kernel adds each block's m times the sum of the unrounded inputs (the offset term is exact).
+    """
+    x = x.float()
+    weight = dequantise_int4(blocks).to(x.device)
+    if not round_activations:
+        return x @ weight.T
+    header = blocks[..., :4].contiguous().view(torch.float16).float().to(x.device)  # [N, G, 2]
+    scaled = (weight - header[..., 1].repeat_interleave(GROUP, 1)) @ round_activations_int8(x).T  # d*q part
+    offset = header[..., 1] @ x.view(x.shape[0], -1, GROUP).sum(-1).T  # [N, M]
+    return (scaled + offset).T
+
+
+_loaded: bool | None = None  # kernel_available()'s answer, once known
+
+
+def kernel_available() -> bool:
+    """Whether the CPU kernel is built and loaded (once per process; the build is cached on disk).
+
+    Call it eagerly (Int4Linear does, when it quantises) before a compiled graph reaches int4_matmul:
+    a compiled graph then reads only the answer."""
+    global _loaded
+    if _loaded is None:
+        _loaded = _load_kernel()
+    return _loaded
+
+
+def _load_kernel() -> bool:
+    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    if os.environ.get("T2R_NO_INT4_KERNEL"):
+        return False
+    from torch.utils import cpp_extension
+
+    source = (Path(__file__).with_name("int4_matmul.cpp")).read_text()
+    try:
+        cpp_extension.load_inline(
+            name="t2r_int4_matmul",
+            cpp_sources=[source],
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except (RuntimeError, OSError, ImportError) as error:  # no compiler, a failed build
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"t2r: int4 kernel not built ({first_line}); int4 layers run dequantised", file=sys.stderr)
+        return False
+    torch.library.register_fake("t2r_int4::int4_matmul")(_fake)
+    return True
+
+
+def _fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], blocks.shape[0])
+
+
+def int4_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float, blocks [N, K / 32, 20] uint8 -> [M, N] fp32 (see the module docstring)."""
+    if x.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and kernel_available():
+        return torch.ops.t2r_int4.int4_matmul(x.float().contiguous(), blocks)
+    return x.float() @ dequantise_int4(blocks).to(x.device).T

@@ -1,0 +1,83 @@
+"""t2r's int4 kernel against its reference (t2r.ops.int4_matmul), at odd sizes and every decode batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2r.ops.int4_matmul import (
+    GEMV_ROWS,
+    dequantise_int4,
+    int4_matmul,
+    int4_matmul_reference,
+    kernel_available,
+    quantise_int4,
+)
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="the int4 kernel is not built on this machine")
+
+
+def test_blocks_round_trip_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(37, 96)
+    blocks = quantise_int4(weight)
+    assert blocks.shape == (37, 3, 20) and blocks.dtype == torch.uint8
+    grouped = weight.view(37, 3, 32)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / 15
+    error = (dequantise_int4(blocks) - weight).abs().view(37, 3, 32)
+    assert (error <= step[..., None] / 2 + weight.abs().max() / 1024).all()
+
+
+def test_inputs_not_in_whole_blocks_are_refused() -> None:
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quantise_int4(torch.randn(8, 40))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, GEMV_ROWS])
+@pytest.mark.parametrize(("outputs", "inputs"), [(37, 64), (960, 576), (17, 1536)])
+def test_kernel_equals_the_reference_with_rounded_activations(rows: int, outputs: int, inputs: int) -> None:
+    """The kernel's arithmetic (int8 activations per block, integer dot products) equals the
+    reference that rounds the same way, to fp32 accumulation; and stays near the unrounded product."""
+    torch.manual_seed(rows * outputs)
+    blocks = quantise_int4(torch.randn(outputs, inputs))
+    x = torch.randn(rows, inputs)
+    x[0, :32] = 0  # an all-zero block (scale 0)
+    got = int4_matmul(x, blocks)
+    expected = int4_matmul_reference(x, blocks, round_activations=True)
+    assert got.shape == (rows, outputs) and got.dtype == torch.float32
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    exact = int4_matmul_reference(x, blocks)
+    assert (got - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def test_many_rows_take_the_dequantised_matrix_exactly() -> None:
+    """A prefill (more rows than GEMV_ROWS) multiplies by the dequantised matrix: the fp32 reference."""
+    torch.manual_seed(1)
+    blocks = quantise_int4(torch.randn(24, 64))
+    x = torch.randn(GEMV_ROWS + 3, 64)
+    assert torch.allclose(int4_matmul(x, blocks), int4_matmul_reference(x, blocks), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_compiles_into_a_full_graph() -> None:
+    """torch.compile(fullgraph=True) sees the kernel as one op with a known output shape."""
+    torch.manual_seed(2)
+    blocks = quantise_int4(torch.randn(40, 64))
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(int4_matmul(x, blocks)) * 2
+
+    x = torch.randn(1, 64)
+    compiled = torch.compile(project, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), project(x), atol=1e-6)
+
+
+def test_without_the_kernel_int4_falls_back_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2r.ops import int4_matmul as module
+
+    monkeypatch.setattr(module, "_loaded", False)
+    torch.manual_seed(3)
+    blocks = quantise_int4(torch.randn(24, 64))
+    x = torch.randn(1, 64)
+    assert torch.allclose(module.int4_matmul(x, blocks), int4_matmul_reference(x, blocks), atol=1e-5, rtol=1e-5)
