@@ -53,26 +53,39 @@ void quantise_rows(const float* x, int64_t rows, int64_t groups, int8_t* codes, 
   }
 }
 
-// One output row against every row of the quantised input.
+// The product of one block of weights (20 bytes) with 32 int8 inputs: 8 int32 partial sums as floats.
+inline __m256 block_dot(const uint8_t* block, const int8_t* x) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+  const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1)));
+}
+
+// One output row against every row of the quantised input. Two accumulators (even and odd blocks)
+// so that consecutive blocks do not wait on each other's fused multiply-add.
 inline void row_dot(const uint8_t* row, int64_t groups, int64_t rows, const int8_t* codes, const float* scale,
                     const float* sum, float* out, int64_t out_stride) {
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t r = 0; r < rows; ++r) {
     const int8_t* xq = codes + r * groups * kGroup;
-    __m256 acc = _mm256_setzero_ps();
-    float offset = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* block = row + g * kBlockBytes;
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + g * kGroup));
-      const __m256i products = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);  // 8 x int32
-      const float d = fp16_to_float(block), m = fp16_to_float(block + 2);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * scale[r * groups + g]), _mm256_cvtepi32_ps(products), acc);
-      offset += m * sum[r * groups + g];
+    const float* xs = scale + r * groups;
+    const float* xsum = sum + r * groups;
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    float offset_even = 0.f, offset_odd = 0.f;
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+      const uint8_t* a = row + g * kBlockBytes;
+      const uint8_t* b = a + kBlockBytes;
+      even = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(a) * xs[g]), block_dot(a, xq + g * kGroup), even);
+      odd = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(b) * xs[g + 1]), block_dot(b, xq + (g + 1) * kGroup), odd);
+      offset_even += fp16_to_float(a + 2) * xsum[g];
+      offset_odd += fp16_to_float(b + 2) * xsum[g + 1];
     }
-    out[r * out_stride] = horizontal_sum(acc) + offset;
+    if (g < groups) {
+      const uint8_t* a = row + g * kBlockBytes;
+      even = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_float(a) * xs[g]), block_dot(a, xq + g * kGroup), even);
+      offset_even += fp16_to_float(a + 2) * xsum[g];
+    }
+    out[r * out_stride] = horizontal_sum(_mm256_add_ps(even, odd)) + offset_even + offset_odd;
   }
 }
 
