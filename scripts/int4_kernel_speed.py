@@ -32,17 +32,15 @@ from t2r.evaluation.markdown import replace_section  # noqa: E402
 from t2r.hub import load_converted, ready_model_folder  # noqa: E402
 from t2r.modeling.fused import fuse_projections  # noqa: E402
 from t2r.modeling.quantize import Int4Linear, with_weights  # noqa: E402
-from t2r.ops.int4_matmul import dequantise_int4, kernel_available  # noqa: E402
+from t2r.ops.int4_matmul import kernel_available  # noqa: E402
 
 
 def torch_int4(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """The same 4-bit codes in PyTorch's layout: packed codes and [groups, out, 2] bf16 scale, zero."""
-    blocks = layer.blocks
-    header = blocks[..., :4].contiguous().view(torch.float16).float()  # [N, G, 2]: d, m
-    nibbles = blocks[..., 4:]
-    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).reshape(blocks.shape[0], -1).to(torch.int32)
+    nibbles = layer.codes
+    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).reshape(nibbles.shape[0], -1).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    d, m = header[..., 0], header[..., 1]
+    d, m = layer.steps.float(), layer.minimums.float()
     scales_and_zeros = torch.stack([d.T, (m + 8 * d).T], -1).to(torch.bfloat16).contiguous()
     return packed, scales_and_zeros
 
@@ -62,13 +60,12 @@ def main() -> None:
     fuse_projections(model)
     layers = [m for m in with_weights(model, "int4").modules() if isinstance(m, Int4Linear)]
     theirs = [torch_int4(layer) for layer in layers]
-    assert all(torch.equal(dequantise_int4(layer.blocks), layer.dequantised()) for layer in layers)
     inputs = [torch.randn(1, layer.in_features) for layer in layers]
     inputs_bf16 = [x.to(torch.bfloat16) for x in inputs]
 
     def t2r_kernel() -> None:
         for layer, x in zip(layers, inputs, strict=True):
-            torch.ops.t2r_int4.int4_matmul(x, layer.blocks)
+            torch.ops.t2r_int4.int4_matmul(x, layer.codes, layer.steps, layer.minimums)
 
     def pytorch_kernel() -> None:
         for (packed, scales), x in zip(theirs, inputs_bf16, strict=True):
@@ -76,7 +73,7 @@ def main() -> None:
 
     engines = {"t2r int4 kernel": t2r_kernel, "PyTorch _weight_int4pack_mm_for_cpu": pytorch_kernel}
     weight_bytes = {
-        "t2r int4 kernel": sum(layer.blocks.nbytes for layer in layers),
+        "t2r int4 kernel": sum(layer.codes.nbytes + layer.steps.nbytes + layer.minimums.nbytes for layer in layers),
         "PyTorch _weight_int4pack_mm_for_cpu": sum(p.nbytes + s.nbytes for p, s in theirs),
     }
     bandwidth = memory_bandwidth()

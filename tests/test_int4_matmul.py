@@ -21,7 +21,8 @@ def test_blocks_round_trip_within_half_a_step() -> None:
     torch.manual_seed(0)
     weight = torch.randn(37, 96)
     blocks = quantise_int4(weight)
-    assert blocks.shape == (37, 3, 20) and blocks.dtype == torch.uint8
+    assert blocks.codes.shape == (37, 3, 16) and blocks.codes.dtype == torch.uint8
+    assert blocks.steps.shape == blocks.minimums.shape == (37, 3) and blocks.steps.dtype == torch.float16
     grouped = weight.view(37, 3, 32)
     step = (grouped.amax(-1) - grouped.amin(-1)) / 15
     error = (dequantise_int4(blocks) - weight).abs().view(37, 3, 32)
@@ -35,7 +36,7 @@ def test_inputs_not_in_whole_blocks_are_refused() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, GEMV_ROWS])
-@pytest.mark.parametrize(("outputs", "inputs"), [(37, 64), (960, 576), (17, 1536)])
+@pytest.mark.parametrize(("outputs", "inputs"), [(37, 64), (960, 576), (17, 1536), (5, 96), (3, 32), (40, 288)])
 def test_kernel_equals_the_reference_with_rounded_activations(rows: int, outputs: int, inputs: int) -> None:
     """The kernel's arithmetic (int8 activations per block, integer dot products) equals the
     reference that rounds the same way, to fp32 accumulation; and stays near the unrounded product."""

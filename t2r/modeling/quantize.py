@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
 from t2r.ops.int4_matmul import GROUP as INT4_GROUP
-from t2r.ops.int4_matmul import dequantise_int4, int4_matmul, kernel_available, quantise_int4
+from t2r.ops.int4_matmul import Int4Weight, dequantise_int4, int4_matmul, kernel_available, quantise_int4
 
 GEMV_ROWS = 16  # up to this many rows (decode batches), the int8 kernel; more (a prefill), dequantise
 
@@ -57,17 +57,20 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ w.T + bias with w [out, in] in 4-bit blocks of 32 inputs (ggml's Q4_1 layout), x [..., in].
+    """y = x @ w.T + bias with w [out, in] in 4-bit blocks of 32 inputs (GGUF Q4_1's grid), x [..., in].
 
-    blocks [out, in / 32, 20] uint8: per block d and m (fp16) and 32 codes q in 0..15, w = d * q + m
-    (t2r.ops.int4_matmul). Decoding rows go through t2r's AVX2 kernel (activations rounded to int8
+    codes [out, in / 32, 16] uint8 (32 codes q in 0..15 a block), steps and minimums [out, in / 32]
+    fp16: w = d * q + m (t2r.ops.int4_matmul). Decoding rows go through t2r's AVX2 kernel (activations rounded to int8
     per block of 32); a prefill, another device or a CPU without the kernel multiplies by the
     dequantised matrix.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.register_buffer("blocks", quantise_int4(linear.weight))
+        weight = quantise_int4(linear.weight)
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("steps", weight.steps)
+        self.register_buffer("minimums", weight.minimums)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         kernel_available()  # built (or found wanting) now, not inside a compiled graph
@@ -79,10 +82,14 @@ class Int4Linear(nn.Module):
 
     def dequantised(self) -> torch.Tensor:
         """The weight the kernel multiplies by, [out, in] fp32."""
-        return dequantise_int4(self.blocks)
+        return dequantise_int4(self.weight_int4)
+
+    @property
+    def weight_int4(self) -> Int4Weight:
+        return Int4Weight(self.codes, self.steps, self.minimums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int4_matmul(x.reshape(-1, self.in_features), self.blocks)
+        out = int4_matmul(x.reshape(-1, self.in_features), Int4Weight(self.codes, self.steps, self.minimums))
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

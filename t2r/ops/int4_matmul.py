@@ -1,15 +1,17 @@
-"""y = x @ w.T with w in 4-bit blocks (ggml's Q4_1 layout): the format, its reference and its CPU kernel.
+"""y = x @ w.T with w in 4-bit blocks (GGUF Q4_1's grid): the format, its reference and its CPU kernel.
 
-A block holds 32 inputs of one output row in 20 bytes: d and m (fp16), then 32 codes q in 0..15
-(byte i: input i in the low nibble, input i + 16 in the high one); w[i] = d * q[i] + m. The default
-model's GGUF stores its layers in exactly this format.
+A block holds 32 inputs of one output row: 32 codes q in 0..15 in 16 bytes (byte i: input i in the
+low nibble, input i + 16 in the high one), a step d and a minimum m (fp16); w[i] = d * q[i] + m,
+the grid the default model's GGUF stores its layers on (exactly). The three arrays are kept apart
+(`Int4Weight`) so that the kernel loads two blocks' codes at once and converts eight steps at once.
 
-    quantise_int4(weight)                  [N, K] float -> blocks [N, K / 32, 20] uint8
-    dequantise_int4(blocks)                 -> [N, K] fp32
-    int4_matmul_reference(x, blocks, ...)  the spec: fp32, dequantised weight; with
+    quantise_int4(weight)                  [N, K] float -> Int4Weight (codes [N, K / 32, 16] uint8,
+                                           steps and minimums [N, K / 32] fp16)
+    dequantise_int4(weight)                -> [N, K] fp32
+    int4_matmul_reference(x, weight, ...)  the spec: fp32, dequantised weight; with
                                            `round_activations`, x rounded to int8 per block of 32 as
                                            the kernel does (scale max|x| / 127, round half to even)
-    int4_matmul(x, blocks)                 the kernel for up to GEMV_ROWS rows of x on an AVX2 CPU
+    int4_matmul(x, weight)                 the kernel for up to GEMV_ROWS rows of x on an AVX2 CPU
                                            (int4_matmul.cpp, built once by torch.utils.cpp_extension),
                                            the dequantised matmul otherwise (a prefill, a GPU, no compiler)
 """
@@ -19,17 +21,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 GROUP = 32  # inputs per block
-BLOCK_BYTES = 20  # 2 (d) + 2 (m) + 16 (32 codes)
 GEMV_ROWS = 16  # up to this many rows of x (decode batches) the kernel; more (a prefill): dequantise
 
 
-def quantise_int4(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] float (K a multiple of 32) -> blocks [N, K / 32, 20] uint8: per block, the minimum m and
-    the step d = (max - min) / 15 (both rounded to fp16), codes round((w - m) / d) in 0..15."""
+class Int4Weight(NamedTuple):
+    """codes [N, G, 16] uint8, steps [N, G] fp16, minimums [N, G] fp16 (G = K / 32)."""
+
+    codes: torch.Tensor
+    steps: torch.Tensor
+    minimums: torch.Tensor
+
+
+def quantise_int4(weight: torch.Tensor) -> Int4Weight:
+    """[N, K] float (K a multiple of 32) -> Int4Weight: per block, the minimum m and the step
+    d = (max - min) / 15 (both rounded to fp16), codes round((w - m) / d) in 0..15."""
     out_features, in_features = weight.shape
     if in_features % GROUP:
         raise ValueError(f"int4 blocks need inputs in multiples of {GROUP}, not {in_features}")
@@ -39,17 +49,14 @@ def quantise_int4(weight: torch.Tensor) -> torch.Tensor:
     safe = step.float().clamp(min=torch.finfo(torch.float16).tiny)
     codes = torch.round((grouped - low.float()[..., None]) / safe[..., None]).clamp(0, 15).to(torch.uint8)
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # [N, G, 16]
-    header = torch.stack([step, low], -1).view(torch.uint8)  # [N, G, 4]: d then m, little-endian fp16
-    return torch.cat([header, nibbles], -1).contiguous()
+    return Int4Weight(nibbles.contiguous(), step.contiguous(), low.contiguous())
 
 
-def dequantise_int4(blocks: torch.Tensor) -> torch.Tensor:
-    """blocks [N, G, 20] uint8 -> w [N, G * 32] fp32."""
-    header = blocks[..., :4].contiguous().view(torch.float16).float()  # [N, G, 2]
-    nibbles = blocks[..., 4:]
-    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).float()  # [N, G, 32]
-    weight = codes * header[..., :1] + header[..., 1:]
-    return weight.reshape(blocks.shape[0], -1)
+def dequantise_int4(weight: Int4Weight) -> torch.Tensor:
+    """Int4Weight -> w [N, G * 32] fp32."""
+    codes = torch.cat([weight.codes & 0x0F, weight.codes >> 4], -1).float()  # [N, G, 32]
+    full = codes * weight.steps.float()[..., None] + weight.minimums.float()[..., None]
+    return full.reshape(weight.codes.shape[0], -1)
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
@@ -60,19 +67,19 @@ def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(grouped * inverse) * step).view_as(x)
 
 
-def int4_matmul_reference(x: torch.Tensor, blocks: torch.Tensor, round_activations: bool = False) -> torch.Tensor:
-    """The spec. x [M, K], blocks [N, K / 32, 20] -> [M, N] fp32.
+def int4_matmul_reference(x: torch.Tensor, weight: Int4Weight, round_activations: bool = False) -> torch.Tensor:
+    """The spec. x [M, K], weight (N outputs, K inputs) -> [M, N] fp32.
 
     With `round_activations` the product is the kernel's: its int8 inputs times the weight, except that
     the kernel adds each block's m times the sum of the unrounded inputs (the offset term is exact).
     """
     x = x.float()
-    weight = dequantise_int4(blocks).to(x.device)
+    full = dequantise_int4(weight).to(x.device)
     if not round_activations:
-        return x @ weight.T
-    header = blocks[..., :4].contiguous().view(torch.float16).float().to(x.device)  # [N, G, 2]
-    scaled = (weight - header[..., 1].repeat_interleave(GROUP, 1)) @ round_activations_int8(x).T  # d*q part
-    offset = header[..., 1] @ x.view(x.shape[0], -1, GROUP).sum(-1).T  # [N, M]
+        return x @ full.T
+    minimums = weight.minimums.float().to(x.device)  # [N, G]
+    scaled = (full - minimums.repeat_interleave(GROUP, 1)) @ round_activations_int8(x).T  # the d * q part
+    offset = minimums @ x.view(x.shape[0], -1, GROUP).sum(-1).T  # [N, M]
     return (scaled + offset).T
 
 
@@ -114,12 +121,12 @@ def _load_kernel() -> bool:
     return True
 
 
-def _fake(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], blocks.shape[0])
+def _fake(x: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
 
 
-def int4_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float, blocks [N, K / 32, 20] uint8 -> [M, N] fp32 (see the module docstring)."""
+def int4_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """x [M, K] float, weight (N outputs, K inputs) -> [M, N] fp32 (see the module docstring)."""
     if x.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and kernel_available():
-        return torch.ops.t2r_int4.int4_matmul(x.float().contiguous(), blocks)
-    return x.float() @ dequantise_int4(blocks).to(x.device).T
+        return torch.ops.t2r_int4.int4_matmul(x.float().contiguous(), *weight)
+    return x.float() @ dequantise_int4(weight).to(x.device).T
