@@ -344,7 +344,9 @@ class Decoder:
     def __init__(self, compile: bool = False, backend: str = "inductor", artifacts: Path | None = None) -> None:
         # backend "aot_eager" traces and functionalises the same graph without generating code:
         # the quick test of the capture (in-place state updates, ring indices); inductor is the speed.
-        self._step = torch.compile(fast_step, backend=backend) if compile else fast_step
+        # The lazily compiled step is made at its first use: building it imports inductor (seconds),
+        # which a process that loads its step ahead of time never needs.
+        self._step: Any = None if compile else fast_step
         self._backend = backend
         self._artifacts = artifacts if compile else None
         self._ahead: Any = None  # the ahead-of-time step, once the first call has made or loaded it
@@ -360,4 +362,6 @@ class Decoder:
                     self._ahead.disable_guard_check()  # checked here, once per call
         if self._ahead is not None and self._ahead.guard_check(model, input_ids, state):
             return self._ahead(model, input_ids, state)
+        if self._step is None:
+            self._step = torch.compile(fast_step, backend=self._backend)
         return self._step(model, input_ids, state)
