@@ -10,7 +10,7 @@ import torch
 from t2r.modeling.fast_decode import fast_step
 from t2r.modeling.quantize import with_weights
 from tests.conftest import MORE_FAMILIES, VOCAB, tiny_model
-from tests.test_fast_decode import BF16_TOLERANCE, assert_fast_path_matches_reference
+from tests.test_fast_decode import INT4_TOLERANCE, assert_fast_path_matches_reference, quantised_tolerance
 from tests.test_model import (
     assert_prefill_then_decode_equals_full_forward,
     converted,
@@ -50,7 +50,7 @@ def test_the_fast_step_is_the_reference_step(family: str) -> None:
 def test_quantized_decoding_follows_the_reference(family: str, weights: str) -> None:
     torch.manual_seed(0)
     model = trained_looking_model(converted(family, "hedgehog", tie_qk=False, window=5))
-    assert_fast_path_matches_reference(with_weights(model, weights), fast_step, tolerance=BF16_TOLERANCE)
+    assert_fast_path_matches_reference(with_weights(model, weights), fast_step, tolerance=quantised_tolerance(weights))
 
 
 def test_a_family_the_adapter_does_not_know_is_refused_in_one_line(tmp_path, capsys) -> None:
@@ -102,7 +102,7 @@ def test_local_layers_kept_beside_a_converted_global_layer(family: str) -> None:
         ids, mask = left_padded_batch()
         assert model(ids, mask)[1].nbytes() == model.init_state(2).nbytes()
     assert_fast_path_matches_reference(model, fast_step)
-    assert_fast_path_matches_reference(with_weights(model, "int4"), fast_step, tolerance=BF16_TOLERANCE)
+    assert_fast_path_matches_reference(with_weights(model, "int4"), fast_step, tolerance=INT4_TOLERANCE)
 
 
 def test_convert_keep_local_says_what_it_kept(tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ from t2r.modeling.fast_decode import FastState, fast_step
 from t2r.modeling.fused import FusedGatedMLP, fuse_projections
 from t2r.modeling.quantize import Int4Linear, with_weights
 from tests.conftest import FAMILIES, MORE_FAMILIES
-from tests.test_fast_decode import BF16_TOLERANCE, assert_fast_path_matches_reference
+from tests.test_fast_decode import INT4_TOLERANCE, assert_fast_path_matches_reference
 from tests.test_model import TOLERANCE, converted, left_padded_batch, trained_looking_model
 
 LLAMA_SHAPED = [f for f in (*FAMILIES, *MORE_FAMILIES) if f not in ("gpt2", "gpt_neox", "opt", "opt_post_norm")]
@@ -48,4 +48,4 @@ def test_fused_int4_model_keeps_the_fast_path_exact() -> None:
     smaller = with_weights(fuse_projections(model), "int4")
     int4 = [m for m in smaller.modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 2 * 4  # per layer: qkv, o, gate_up, down
-    assert_fast_path_matches_reference(smaller, fast_step, tolerance=BF16_TOLERANCE)
+    assert_fast_path_matches_reference(smaller, fast_step, tolerance=INT4_TOLERANCE)

@@ -13,7 +13,8 @@ the grid the default model's GGUF stores its layers on (exactly). The three arra
                                            the kernel does (scale max|x| / 127, round half to even)
     int4_matmul(x, weight)                 the kernel for up to GEMV_ROWS rows of x on an AVX2 CPU
                                            (int4_matmul.cpp, built once by torch.utils.cpp_extension),
-                                           the dequantised matmul otherwise (a prefill, a GPU, no compiler)
+                                           the rounding reference otherwise (a prefill, a GPU, no
+                                           compiler): one function whichever path runs
 """
 
 from __future__ import annotations
@@ -74,13 +75,12 @@ def int4_matmul_reference(x: torch.Tensor, weight: Int4Weight, round_activations
     the kernel adds each block's m times the sum of the unrounded inputs (the offset term is exact).
     """
     x = x.float()
-    full = dequantise_int4(weight).to(x.device)
     if not round_activations:
-        return x @ full.T
-    minimums = weight.minimums.float().to(x.device)  # [N, G]
-    scaled = (full - minimums.repeat_interleave(GROUP, 1)) @ round_activations_int8(x).T  # the d * q part
-    offset = minimums @ x.view(x.shape[0], -1, GROUP).sum(-1).T  # [N, M]
-    return (scaled + offset).T
+        return x @ dequantise_int4(weight).to(x.device).T
+    codes = torch.cat([weight.codes & 0x0F, weight.codes >> 4], -1).float().to(x.device)  # [N, G, 32]
+    scaled = (codes * weight.steps.float().to(x.device)[..., None]).reshape(codes.shape[0], -1)  # d * q
+    sums = x.view(x.shape[0], -1, GROUP).sum(-1)  # [M, G]
+    return round_activations_int8(x) @ scaled.T + sums @ weight.minimums.float().to(x.device).T
 
 
 _loaded: bool | None = None  # kernel_available()'s answer, once known
@@ -129,4 +129,6 @@ def int4_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     """x [M, K] float, weight (N outputs, K inputs) -> [M, N] fp32 (see the module docstring)."""
     if x.shape[0] <= GEMV_ROWS and x.device.type == "cpu" and kernel_available():
         return torch.ops.t2r_int4.int4_matmul(x.float().contiguous(), *weight)
-    return x.float() @ dequantise_int4(weight).to(x.device).T
+    # The same arithmetic as the kernel's (activations rounded per block), so that a prefill, a
+    # decode step and a machine without the kernel compute one function.
+    return int4_matmul_reference(x, weight, round_activations=True)
