@@ -32,13 +32,12 @@ from t2r.evaluation.markdown import replace_section  # noqa: E402
 from t2r.hub import load_converted, ready_model_folder  # noqa: E402
 from t2r.modeling.fused import fuse_projections  # noqa: E402
 from t2r.modeling.quantize import Int4Linear, with_weights  # noqa: E402
-from t2r.ops.int4_matmul import kernel_available  # noqa: E402
+from t2r.ops.int4_matmul import kernel_available, unpacked_codes  # noqa: E402
 
 
 def torch_int4(layer: Int4Linear) -> tuple[torch.Tensor, torch.Tensor]:
     """The same 4-bit codes in PyTorch's layout: packed codes and [groups, out, 2] bf16 scale, zero."""
-    nibbles = layer.codes
-    codes = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).reshape(nibbles.shape[0], -1).to(torch.int32)
+    codes = unpacked_codes(layer.weight_int4).reshape(layer.out_features, -1).to(torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     d, m = layer.steps.float(), layer.minimums.float()
     scales_and_zeros = torch.stack([d.T, (m + 8 * d).T], -1).to(torch.bfloat16).contiguous()

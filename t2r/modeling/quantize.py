@@ -10,7 +10,8 @@ transposed linear layer); the feature maps, the norms and the embedding lookup s
 - `Int4Linear`: 4-bit blocks of 32 inputs with a step and a minimum in fp16 (w ~ d * q + m, q in
   0..15; min/max per block): ggml's Q4_1, the format of the default model's GGUF, whose weights
   round-trip exactly. Multiplied by t2r's own AVX2 kernel (t2r.ops.int4_matmul: int8 activations,
-  integer dot products, ~2x PyTorch's `_weight_int4pack_mm_for_cpu` at batch 1 here).
+  integer dot products: 1.35x PyTorch's `_weight_int4pack_mm_for_cpu` at batch 1 here, BENCHMARKS.md
+  "int4-kernel"; the int8 activations cost some agreement with the fp32 model, measured there too).
 The int8 kernel takes bf16 activations: its fp32-activation path is a slow one at batch 1
 (BENCHMARKS.md, bench notes). Inputs are cast in and outputs back.
 """
@@ -60,9 +61,9 @@ class Int4Linear(nn.Module):
     """y = x @ w.T + bias with w [out, in] in 4-bit blocks of 32 inputs (GGUF Q4_1's grid), x [..., in].
 
     codes [out, in / 32, 16] uint8 (32 codes q in 0..15 a block), steps and minimums [out, in / 32]
-    fp16: w = d * q + m (t2r.ops.int4_matmul). Decoding rows go through t2r's AVX2 kernel (activations rounded to int8
-    per block of 32); a prefill, another device or a CPU without the kernel multiplies by the
-    dequantised matrix.
+    fp16: w = d * q + m (t2r.ops.int4_matmul). Activations are rounded to int8 per block of 32 on
+    every path: decoding rows through t2r's AVX2 kernel, a prefill, another device or a CPU
+    without the kernel through the PyTorch reference of the same arithmetic.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -86,10 +87,11 @@ class Int4Linear(nn.Module):
 
     @property
     def weight_int4(self) -> Int4Weight:
+        """The buffers as the ops take them."""
         return Int4Weight(self.codes, self.steps, self.minimums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int4_matmul(x.reshape(-1, self.in_features), Int4Weight(self.codes, self.steps, self.minimums))
+        out = int4_matmul(x.reshape(-1, self.in_features), self.weight_int4)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -19,12 +19,15 @@ the grid the default model's GGUF stores its layers on (exactly). The three arra
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GROUP = 32  # inputs per block
 GEMV_ROWS = 16  # up to this many rows of x (decode batches) the kernel; more (a prefill): dequantise
@@ -53,10 +56,14 @@ def quantise_int4(weight: torch.Tensor) -> Int4Weight:
     return Int4Weight(nibbles.contiguous(), step.contiguous(), low.contiguous())
 
 
+def unpacked_codes(weight: Int4Weight) -> torch.Tensor:
+    """The 4-bit codes in input order: [N, G, 32] uint8, q in 0..15."""
+    return torch.cat([weight.codes & 0x0F, weight.codes >> 4], -1)
+
+
 def dequantise_int4(weight: Int4Weight) -> torch.Tensor:
     """Int4Weight -> w [N, G * 32] fp32."""
-    codes = torch.cat([weight.codes & 0x0F, weight.codes >> 4], -1).float()  # [N, G, 32]
-    full = codes * weight.steps.float()[..., None] + weight.minimums.float()[..., None]
+    full = unpacked_codes(weight).float() * weight.steps.float()[..., None] + weight.minimums.float()[..., None]
     return full.reshape(weight.codes.shape[0], -1)
 
 
@@ -77,7 +84,7 @@ def int4_matmul_reference(x: torch.Tensor, weight: Int4Weight, round_activations
     x = x.float()
     if not round_activations:
         return x @ dequantise_int4(weight).to(x.device).T
-    codes = torch.cat([weight.codes & 0x0F, weight.codes >> 4], -1).float().to(x.device)  # [N, G, 32]
+    codes = unpacked_codes(weight).float().to(x.device)  # [N, G, 32]
     scaled = (codes * weight.steps.float().to(x.device)[..., None]).reshape(codes.shape[0], -1)  # d * q
     sums = x.view(x.shape[0], -1, GROUP).sum(-1)  # [M, G]
     return round_activations_int8(x) @ scaled.T + sums @ weight.minimums.float().to(x.device).T
@@ -115,7 +122,7 @@ def _load_kernel() -> bool:
         )
     except (RuntimeError, OSError, ImportError) as error:  # no compiler, a failed build
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"t2r: int4 kernel not built ({first_line}); int4 layers run dequantised", file=sys.stderr)
+        log.warning("t2r: int4 kernel not built (%s); int4 layers run on the PyTorch reference", first_line)
         return False
     torch.library.register_fake("t2r_int4::int4_matmul")(_fake)
     return True
