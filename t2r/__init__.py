@@ -33,6 +33,7 @@ _PUBLIC = {
     "FastState": "t2r.modeling.fast_decode",
     "fast_step": "t2r.modeling.fast_decode",
     "Decoder": "t2r.modeling.fast_decode",
+    "flush_denormals": "t2r.ops.denormals",
     "ModelState": "t2r.ops.state",
     "load_teacher": "t2r.hub",
     "load_model": "t2r.hub",

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         set_up_logging()
+        from t2r.ops.denormals import flush_denormals
+
+        flush_denormals()  # before any parallel work, so that the intra-op threads inherit it
         args.run(args)
     except T2RError as error:
         print(f"t2r: error: {error}", file=sys.stderr)

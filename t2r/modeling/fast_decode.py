@@ -22,6 +22,7 @@ import torch
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.step_artifacts import load_or_compile
+from t2r.ops.denormals import flush_denormals
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState
 from t2r.ops.windowed import capped
 
@@ -350,6 +351,9 @@ class Decoder:
         self._backend = backend
         self._artifacts = artifacts if compile else None
         self._ahead: Any = None  # the ahead-of-time step, once the first call has made or loaded it
+        # The step's subnormals cost a quarter of its time (t2r.ops.denormals). This reaches the
+        # intra-op threads only if no parallel operation has run yet (`t2r` sets it at start-up).
+        flush_denormals()
 
     def __call__(self, model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
         if self._artifacts is not None:

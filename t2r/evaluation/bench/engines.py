@@ -23,6 +23,7 @@ from t2r.evaluation.bench.memory import peak_rss, release_memory, weight_bytes_p
 from t2r.evaluation.bench.teacher import teacher_cases
 from t2r.modeling.fast_decode import Decoder, FastState
 from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.denormals import flush_denormals
 from t2r.ops.state import ModelState
 
 
@@ -30,6 +31,7 @@ def measure(engine: dict[str, Any], prompt: list[int], steps: int, segment: int,
     """One round of `engine` (an `Engine` as a dict) on the prompt's token ids, in a child:
     {"cases": [a Case dict per batch size], "weight_bytes_per_token": bytes one decode step reads}."""
     spec = Engine.from_dict(engine)
+    flush_denormals()  # as `t2r` does, for every engine alike (before any parallel work)
     torch.set_num_threads(threads)
     ids = torch.tensor(prompt, dtype=torch.long)
     if spec.kind == "llama.cpp":
