@@ -60,7 +60,8 @@ def test_like_for_like_table_divides_rates_of_the_same_round(tmp_path: Path) -> 
     write(record, tmp_path / "out", report, "t2r bench m")
     text = report.read_text()
     header = "| t2r engine / partner (batch 1) | decode at 256 | decode at 2,048 | decode at 8,192 | prefill at 256 |"
-    assert header in text and "at 1,024" not in text.split("Each engine against")[0]  # 256 / 2k / 8k only
+    like_header = next(line for line in text.splitlines() if line.startswith("| t2r engine / partner"))
+    assert header in text and "at 1,024" not in like_header  # 256 / 2k / 8k only
     rows = {line.split(" | ")[0]: line.split(" | ")[1:] for line in text.splitlines() if " / " in line}
     assert rows["| converted (compiled) / teacher (compiled)"][0] == "2.00 (1.00-4.00)"
     assert rows["| converted (compiled, int4) / teacher (compiled, int4)"][:4] == ["2.50 (2.00-3.00)"] * 3 + [
@@ -73,6 +74,17 @@ def test_like_for_like_table_divides_rates_of_the_same_round(tmp_path: Path) -> 
     assert notes["decode at 8k / teacher's"] == "converted (compiled, int4) vs teacher"
     assert notes["decode at 8k / llama.cpp's"] == "converted (compiled, int4) vs llama.cpp"
     assert notes["decode at 32k / own at 256"] == "converted (compiled, int4), against itself"
+    # The short-context bars: the fastest converted decode over llama.cpp's at every context (0.8x
+    # at 256, 1x from 1k), its bandwidth bound, the fastest converted prefill over the teacher's
+    # (and over the compiled teacher's from 4k).
+    values = {row["bar"]: (row["value"], row["target"], row["met"]) for row in written}
+    assert values["batch-1 decode at 256 / llama.cpp's"] == (20.0 / 32.0, 0.8, False)  # medians
+    assert values["batch-1 decode at 1,024 / llama.cpp's"] == (20.0 / 32.0, 1.0, False)
+    assert notes["batch-1 decode at 2,048 / llama.cpp's"] == "converted (compiled, int4) vs llama.cpp"
+    assert values["batch-1 decode at 256 / bandwidth bound (issue 18)"] == (20.0 / 100.0, 0.5, False)
+    assert values["prefill at 256 / teacher's"] == (50.0 / 10.0, 1.0, True)  # int4's 50 over 2 x 5
+    assert notes["prefill at 8,192 / compiled teacher's"] == "converted (compiled, int4) vs teacher (compiled)"
+    assert "prefill at 2,048 / compiled teacher's" not in values and "prefill at 8,192 / teacher's" in values
 
 
 def test_a_record_from_before_rounds_still_renders(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,57 @@ def bars(record: dict[str, Any]) -> list[dict[str, Any]]:
         2.0,
         note=against(LLAMA_CPP) + status,
     )
+    short_context_bars(record, bar)
     return rows
+
+
+def short_context_bars(record: dict[str, Any], bar: Callable[..., None]) -> None:
+    """The bars of short contexts (issue 18), at every context measured: the fastest converted
+    decode against llama.cpp's (>= 0.8x at 256, >= 1x from 1k), its own bandwidth bound at 256, and
+    the fastest converted prefill against the teacher's (>= 1x) and, from 4k, against the teacher's
+    compiled fast path (>= 1x)."""
+    cases = record["cases"]
+    contexts = sorted({c["context"] for c in cases if c["batch"] == 1})
+    for context in contexts:
+        engine = best_engine(cases, context)
+        target = 0.8 if context < 1024 else 1.0
+        note = f"{engine} vs {LLAMA_CPP}" if engine else ""
+        ratio_ = ratio(
+            find(cases, engine, context) if engine else None, find(cases, LLAMA_CPP, context), "decode_tokens_per_s"
+        )
+        bar(f"batch-1 decode at {context:,} / llama.cpp's", ratio_, target, note=note)
+    engine = best_engine(cases, 256)
+    ours = find(cases, engine, 256) if engine else None
+    if ours is not None and record["weight_bytes_per_token"].get(engine):
+        bound = record["machine"]["memory_read_bandwidth_bytes_per_s"] / record["weight_bytes_per_token"][engine]
+        bar(
+            "batch-1 decode at 256 / bandwidth bound (issue 18)",
+            ours["decode_tokens_per_s"] / bound,
+            0.5,
+            note=f"{engine}",
+        )
+    compiled_teacher = engine_name(TEACHER, "fp32", "compiled")
+    for context in contexts:
+        prefills = [
+            c for c in cases if c["engine"].startswith("converted") and c["context"] == context and c["batch"] == 1
+        ]
+        best = max(
+            (c for c in prefills if c["prefill_tokens_per_s"]), key=lambda c: c["prefill_tokens_per_s"], default=None
+        )
+        name = best["engine"] if best else None
+        bar(
+            f"prefill at {context:,} / teacher's",
+            ratio(best, find(cases, TEACHER, context), "prefill_tokens_per_s"),
+            1.0,
+            note=f"{name} vs {TEACHER}" if name else "",
+        )
+        if context >= 4096:
+            bar(
+                f"prefill at {context:,} / compiled teacher's",
+                ratio(best, find(cases, compiled_teacher, context), "prefill_tokens_per_s"),
+                1.0,
+                note=f"{name} vs {compiled_teacher}" if name else "",
+            )
 
 
 def like_for_like_pairs(cases: list[dict]) -> list[tuple[str, str]]:
