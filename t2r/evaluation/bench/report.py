@@ -49,6 +49,21 @@ def best_engine(cases: list[dict], context: int) -> str | None:
     return max(found, key=lambda c: c["decode_tokens_per_s"])["engine"] if found else None
 
 
+def best_prefill(cases: list[dict], context: int) -> dict | None:
+    """The converted case with the fastest batch-1 prefill at `context` (the prefill a user would pick)."""
+    found = [
+        c
+        for c in cases
+        if c["engine"].startswith("converted") and c["context"] == context and c["prefill_tokens_per_s"]
+    ]
+    return max(found, key=lambda c: c["prefill_tokens_per_s"], default=None)
+
+
+def bound_rate(record: dict[str, Any], engine: str) -> float:
+    """The engine's memory-bandwidth bound in tokens/s: read bandwidth / its weight bytes per token."""
+    return record["machine"]["memory_read_bandwidth_bytes_per_s"] / record["weight_bytes_per_token"][engine]
+
+
 def ratio(a: dict | None, b: dict | None, key: str) -> float | None:
     if a is None or b is None or not a.get(key) or not b.get(key):
         return None
@@ -91,15 +106,7 @@ def bars(record: dict[str, Any]) -> list[dict[str, Any]]:
     teacher_8k, teacher_256 = find(cases, TEACHER, 8192), find(cases, TEACHER, 256)
     ours_8k, ours_256, ours_32k = (find(cases, engine, n) for n in (8192, 256, 32768))
     bar("decode at 8k / teacher's", ratio(ours_8k, teacher_8k, "decode_tokens_per_s"), 4.0, note=against(TEACHER))
-    prefill_8k = max(
-        (
-            c
-            for c in cases
-            if c["engine"].startswith("converted") and c["context"] == 8192 and c["prefill_tokens_per_s"]
-        ),
-        key=lambda c: c["prefill_tokens_per_s"],
-        default=None,
-    )  # the prefill a user would pick
+    prefill_8k = best_prefill(cases, 8192)
     bar(
         "prefill at 8k / teacher's",
         ratio(prefill_8k, teacher_8k, "prefill_tokens_per_s"),
@@ -115,7 +122,7 @@ def bars(record: dict[str, Any]) -> list[dict[str, Any]]:
         note=against(TEACHER),
     )
     if ours_256 is not None and engine is not None:
-        bound = record["machine"]["memory_read_bandwidth_bytes_per_s"] / record["weight_bytes_per_token"][engine]
+        bound = bound_rate(record, engine)
         bar(
             "batch-1 decode at 256 / bandwidth bound",
             ours_256["decode_tokens_per_s"] / bound,
@@ -164,21 +171,15 @@ def short_context_bars(record: dict[str, Any], bar: Callable[..., None]) -> None
     engine = best_engine(cases, 256)
     ours = find(cases, engine, 256) if engine else None
     if ours is not None and record["weight_bytes_per_token"].get(engine):
-        bound = record["machine"]["memory_read_bandwidth_bytes_per_s"] / record["weight_bytes_per_token"][engine]
         bar(
             "batch-1 decode at 256 / bandwidth bound (issue 18)",
-            ours["decode_tokens_per_s"] / bound,
+            ours["decode_tokens_per_s"] / bound_rate(record, engine),
             0.5,
             note=f"{engine}",
         )
     compiled_teacher = engine_name(TEACHER, "fp32", "compiled")
     for context in contexts:
-        prefills = [
-            c for c in cases if c["engine"].startswith("converted") and c["context"] == context and c["batch"] == 1
-        ]
-        best = max(
-            (c for c in prefills if c["prefill_tokens_per_s"]), key=lambda c: c["prefill_tokens_per_s"], default=None
-        )
+        best = best_prefill(cases, context)
         name = best["engine"] if best else None
         bar(
             f"prefill at {context:,} / teacher's",
