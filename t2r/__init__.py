@@ -1,10 +1,13 @@
 """t2r: turn a pretrained transformer language model into a linear-attention RNN.
 
-`import t2r` registers model_type "t2r" with transformers' AutoConfig and AutoModelForCausalLM (so
-it imports transformers), after which a converted folder loads as any transformers model:
+`import t2r` makes model_type "t2r" known to transformers' AutoConfig and AutoModelForCausalLM,
+after which a converted folder loads as any transformers model:
 
     import t2r
     model = AutoModelForCausalLM.from_pretrained("runs/my-model")
+
+It imports neither torch nor transformers: the registration happens when transformers' own auto
+modules load (t2r.modeling.auto_registration), and the model class at its first use.
 
 The other public names load on first use (as transformers' own top-level names do); each lives in
 the module named beside it:
@@ -15,16 +18,21 @@ the module named beside it:
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 from typing import Any
 
-__version__ = "0.1.0"
+from t2r.modeling import auto_registration
 
-# The one module loaded with the package: registering the model type is what `import t2r` is for.
-import t2r.modeling.transformers_model  # noqa: F401
+try:
+    __version__ = metadata.version("t2r")
+except metadata.PackageNotFoundError:  # the source tree on sys.path, not installed
+    __version__ = "0+unknown"
+
+auto_registration.install()  # the one thing `import t2r` does: registration when transformers loads
 
 _PUBLIC = {
     "T2RModelForCausalLM": "t2r.modeling.transformers_model",
-    "T2RPretrainedConfig": "t2r.modeling.transformers_model",
+    "T2RPretrainedConfig": "t2r.modeling.transformers_config",
     "T2RCache": "t2r.modeling.recurrent_cache",
     "T2RConfig": "t2r.modeling.config",
     "T2RForCausalLM": "t2r.modeling.model",

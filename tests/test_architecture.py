@@ -4,6 +4,8 @@ transformers, only adapters know an architecture's attribute names, no module gr
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,14 +122,65 @@ def test_an_upward_import_is_caught(module: str, line: str) -> None:
     assert upward_imports(path.read_text() + "\n" + line + "\n", module)
 
 
-def test_the_root_package_loads_only_the_transformers_registration() -> None:
-    """`import t2r` registers the model type with transformers' Auto classes; every other public
-    name loads on first use."""
+# What `import t2r`, `t2r --help`, `t2r COMMAND --help`, `--version` and a usage error must not
+# load: transformers' model classes and generation code, torch's distributed packages (seconds of
+# imports a user waits for before the first line of help), and torch itself.
+HEAVY_PREFIXES = ("transformers.modeling_utils", "transformers.generation", "torch.distributed", "torch")
+
+
+def heavy(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return module.startswith(HEAVY_PREFIXES) or last.startswith("modeling_") or module in ("torch", "transformers")
+
+
+LOADED_AFTER = """
+import sys
+{setup}
+print("MODULES", " ".join(sorted(sys.modules)))
+"""
+
+
+def modules_after(setup: str) -> list[str]:
+    """The modules a fresh interpreter holds after running `setup` (a SystemExit from argparse is
+    what --help and a usage error end in)."""
+    code = LOADED_AFTER.format(setup=setup)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.rsplit("MODULES", 1)[1].split()  # after the help text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [None, ["--help"], ["--version"], ["generate", "--help"], ["train", "--help"], ["serve", "--help"],
+     ["bench", "--help"], ["eval", "--help"], ["convert", "--no-such-flag"]],
+)
+def test_import_and_help_load_no_heavy_module(argv: list[str] | None) -> None:
+    """`import t2r` (argv None) and parsing each command line load none of HEAVY_PREFIXES."""
+    if argv is None:
+        setup = "import t2r"
+    else:
+        setup = f"from t2r.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
+    loaded = modules_after(setup)
+    assert "t2r" in loaded
+    assert not [name for name in loaded if heavy(name)], [name for name in loaded if heavy(name)][:10]
+
+
+def test_the_heavy_module_check_can_fail() -> None:
+    assert heavy("transformers.models.llama.modeling_llama") and heavy("torch.distributed.fsdp")
+    assert heavy("transformers.generation.utils") and heavy("torch")
+    assert [name for name in modules_after("import t2r.modeling.transformers_model") if heavy(name)]
+
+
+def test_the_root_package_loads_only_the_registration() -> None:
+    """`import t2r` installs the lazy registration with transformers' Auto classes; every other
+    public name loads on first use."""
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     eager = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
     names = [alias.name for node in eager if isinstance(node, ast.Import) for alias in node.names]
-    names += [node.module or "" for node in eager if isinstance(node, ast.ImportFrom)]
-    assert [name for name in names if name.startswith("t2r")] == ["t2r.modeling.transformers_model"]
+    names += [
+        f"{node.module}.{alias.name}" for node in eager if isinstance(node, ast.ImportFrom) for alias in node.names
+    ]
+    assert [name for name in names if name.startswith("t2r")] == ["t2r.modeling.auto_registration"]
 
 
 def test_the_public_names_resolve() -> None:

@@ -187,6 +187,30 @@ def test_trust_remote_code_loads_without_importing_t2r(llama_folder: Path, tmp_p
     assert result.stdout.split() == ["T2RModelForCausalLM", "True"]  # t2r came in through the folder's loader
 
 
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import t2r\nfrom transformers import AutoConfig, AutoModelForCausalLM",
+        "from transformers import AutoConfig, AutoModelForCausalLM\nimport t2r",
+    ],
+)
+def test_import_t2r_registers_before_or_after_transformers(llama_folder: Path, imports: str) -> None:
+    """A fresh process: `import t2r` (which imports no transformers) before or after transformers'
+    Auto classes, then the folder loads as the real class, without trust_remote_code."""
+    code = (
+        f"import sys\n{imports}\n"
+        "lazy = 't2r.modeling.transformers_model' not in sys.modules\n"
+        f"config = AutoConfig.from_pretrained({str(llama_folder)!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(llama_folder)!r})\n"
+        "from t2r.modeling.transformers_model import T2RModelForCausalLM\n"
+        "print(type(config).__name__, type(model) is T2RModelForCausalLM, lazy)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["T2RPretrainedConfig", "True", "True"]
+
+
 def test_save_pretrained_round_trip_and_card(llama_folder: Path, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(llama_folder)
     (tmp_path / "copy").mkdir()

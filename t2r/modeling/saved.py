@@ -31,12 +31,12 @@ from t2r.errors import T2RError, UsageError, one_line
 from t2r.modeling.config import T2RConfig
 from t2r.modeling.convert import convert
 from t2r.modeling.model import T2RForCausalLM
+from t2r.modeling.transformers_config import FORMAT_VERSION
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REMOTE_CODE_FILE = "modeling_t2r.py"
 CARD_FILE = "README.md"
-FORMAT_VERSION = 2
 REMOTE_CODE = '''"""Loads this folder with t2r (`pip install t2r`): its classes are t2r's own, imported here so
 that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` finds them."""
 
@@ -44,10 +44,6 @@ from t2r.modeling.transformers_model import T2RModelForCausalLM, T2RPretrainedCo
 
 __all__ = ["T2RModelForCausalLM", "T2RPretrainedConfig"]
 '''
-AUTO_MAP = {
-    "AutoConfig": "modeling_t2r.T2RPretrainedConfig",
-    "AutoModelForCausalLM": "modeling_t2r.T2RModelForCausalLM",
-}
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from t2r.errors import T2RError, one_line
@@ -32,57 +32,13 @@ from t2r.modeling.model_card import render_folder
 from t2r.modeling.quantize import with_weights
 from t2r.modeling.recurrent_cache import T2RCache
 from t2r.modeling.saved import (
-    AUTO_MAP,
-    FORMAT_VERSION,
     build_config,
     empty_model,
     load_converted_model,
     read_saved_config,
     write_model_files,
 )
-
-# Generic token and vocabulary fields of the teacher's config that generate() and pipelines read.
-MIRRORED_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-class T2RPretrainedConfig(PretrainedConfig):
-    """model_type "t2r". t2r: the T2RConfig as a dict; base_config: the teacher's config as a dict."""
-
-    model_type = "t2r"
-
-    def __init__(
-        self,
-        t2r: dict[str, Any] | None = None,
-        base_config: dict[str, Any] | None = None,
-        format_version: int = FORMAT_VERSION,
-        use_cache: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        self.use_cache = use_cache
-        self.t2r = dict(t2r or {})
-        self.base_config = dict(base_config or {})
-        self.format_version = format_version
-        for field in MIRRORED_FIELDS:
-            if field in self.base_config:
-                kwargs.setdefault(field, self.base_config[field])
-        # The wrapped model owns its weights (tied ones included): nothing for transformers to tie.
-        kwargs["tie_word_embeddings"] = False
-        super().__init__(**kwargs)
-
-    @classmethod
-    def from_model(cls, model: T2RForCausalLM) -> T2RPretrainedConfig:
-        return cls(t2r=model.config.to_dict(), base_config=model.base.config.to_dict())
-
-    def to_saved_dict(self) -> dict[str, Any]:
-        """config.json of a folder: this config, with what makes it load through the Auto classes."""
-        values = self.to_dict()
-        values.update(
-            format_version=FORMAT_VERSION,
-            architectures=[T2RModelForCausalLM.__name__],
-            auto_map=dict(AUTO_MAP),
-            model_type=self.model_type,
-        )
-        return values
+from t2r.modeling.transformers_config import T2RPretrainedConfig, config_from_saved
 
 
 class T2RModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -275,13 +231,6 @@ class T2RModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise T2RError(f"cannot push {repo_id!r} to the Hugging Face Hub (offline?): {one_line(error)}") from None
 
 
-def config_from_saved(saved: dict[str, Any]) -> T2RPretrainedConfig:
-    """The transformers config of a folder's config.json (format 1 or 2)."""
-    fields = {key: value for key, value in saved.items() if key not in ("model_type", "auto_map", "architectures")}
-    fields.pop("transformers_version", None)
-    return T2RPretrainedConfig(**fields)
-
-
 def local_folder(name: str, kwargs: dict[str, Any]) -> Path:
     """A local folder, or the snapshot of a hub repo (downloaded once, then from the cache)."""
     for ignored in ("trust_remote_code", "config", "low_cpu_mem_usage", "use_safetensors", "_from_auto"):
@@ -300,11 +249,12 @@ def local_folder(name: str, kwargs: dict[str, Any]) -> Path:
 
 
 def register() -> None:
-    """Make model_type "t2r" known to AutoConfig and AutoModelForCausalLM (done on `import t2r`)."""
+    """Make model_type "t2r" known to AutoConfig and AutoModelForCausalLM with the real classes (done
+    when this module loads; before that, `t2r.modeling.auto_registration` has them stand in)."""
     AutoConfig.register(T2RPretrainedConfig.model_type, T2RPretrainedConfig, exist_ok=True)
     AutoModelForCausalLM.register(T2RPretrainedConfig, T2RModelForCausalLM, exist_ok=True)
 
 
 register()
 
-__all__ = ["T2RCache", "T2RModelForCausalLM", "T2RPretrainedConfig", "register"]
+__all__ = ["T2RCache", "T2RModelForCausalLM", "T2RPretrainedConfig", "config_from_saved", "register"]

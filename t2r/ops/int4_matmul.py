@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +92,7 @@ def int4_matmul_reference(x: torch.Tensor, weight: Int4Weight, round_activations
 
 
 _loaded: bool | None = None  # kernel_available()'s answer, once known
+_build_error: str | None = None  # why a build on a machine that can build the kernel failed
 
 
 def kernel_available() -> bool:
@@ -104,10 +106,30 @@ def kernel_available() -> bool:
     return _loaded
 
 
-def _load_kernel() -> bool:
-    if sys.platform != "linux" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
+def machine_lacks_kernel() -> str | None:
+    """Why this machine cannot run the kernel (not Linux, no AVX2, no C++ compiler, turned off by
+    T2R_NO_INT4_KERNEL), or None where it can: there, a kernel that is not available is a failed build."""
+    if sys.platform != "linux":
+        return f"the int4 kernel is built on Linux only, not {sys.platform}"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"the int4 kernel needs AVX2; this CPU's capability is {capability}"
     if os.environ.get("T2R_NO_INT4_KERNEL"):
+        return "T2R_NO_INT4_KERNEL is set"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH)"
+    return None
+
+
+def kernel_build_error() -> str | None:
+    """On a machine that can build the kernel, why its build failed (None if it was built or not tried)."""
+    return _build_error
+
+
+def _load_kernel() -> bool:
+    global _build_error
+    if machine_lacks_kernel() is not None:
         return False
     from torch.utils import cpp_extension
 
@@ -120,8 +142,9 @@ def _load_kernel() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    except (RuntimeError, OSError, ImportError) as error:  # no compiler, a failed build
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (RuntimeError, OSError, ImportError) as error:  # a failed build (the machine has what it needs)
+        _build_error = str(error).strip() or type(error).__name__
+        first_line = _build_error.splitlines()[0]
         log.warning("t2r: int4 kernel not built (%s); int4 layers run on the PyTorch reference", first_line)
         return False
     torch.library.register_fake("t2r_int4::int4_matmul")(_fake)
