@@ -73,6 +73,23 @@ def compiled_steps_folder() -> Path:
     return cache_root() / "compiled-steps"
 
 
+def decode_weights_folder() -> Path:
+    """Where `generate` and `serve` keep models made ready for decoding (t2r.modeling.decode_weights)."""
+    return cache_root() / "decode-weights"
+
+
+def model_weights_identity(spec: str) -> str:
+    """What names the weights of a converted model `spec` (a ready model's alias or a folder) for
+    the decode-weights cache: its weights file's path, size and modification time; "" (nothing
+    kept) for anything else."""
+    from t2r.modeling.decode_weights import weights_identity
+    from t2r.modeling.saved import WEIGHTS_FILE
+
+    folder = ready_model_folder(spec) if spec in READY else Path(spec).expanduser()
+    weights = folder / WEIGHTS_FILE
+    return weights_identity(weights) if weights.is_file() else ""
+
+
 def alias_path(alias: str) -> Path:
     package, file_name = ALIASES[alias]
     spec = importlib.util.find_spec(package)

@@ -51,13 +51,12 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from t2r.hub import compiled_steps_folder, load_model
+    from t2r.hub import compiled_steps_folder, decode_weights_folder, load_model, model_weights_identity
     from t2r.inference.generate import generate_batch
     from t2r.inference.sampling import Sampling
+    from t2r.modeling.decode_weights import decoding_model
     from t2r.modeling.fast_decode import Decoder
-    from t2r.modeling.fused import fuse_projections
     from t2r.modeling.model import T2RForCausalLM
-    from t2r.modeling.quantize import with_weights
 
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
@@ -67,7 +66,8 @@ def run(args: argparse.Namespace) -> None:
     prompts = [encode(tokenizer, prompt, args.chat) for prompt in args.prompt]
     stop_ids = frozenset() if args.ignore_eos else eos_ids(tokenizer, model)
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    model = with_weights(fuse_projections(model), args.weights)  # stacked q/k/v, gate/up: fewer kernels
+    # Stacked q/k/v and gate/up (fewer kernels) in the chosen format, kept on disk for the next run.
+    model = decoding_model(model, args.weights, decode_weights_folder(), model_weights_identity(args.model))
     decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
     clock = FirstDecodedToken(len(prompts))
     if len(prompts) == 1:  # stream the one completion as it is decoded

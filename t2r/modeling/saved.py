@@ -74,11 +74,20 @@ def build_config(values: dict[str, Any]) -> Any:
         ) from None
 
 
-def empty_model(config: Any) -> nn.Module:
-    """A randomly initialised fp32 model of `config`, to be filled from a weights file."""
+def empty_model(config: Any, initialise: bool = True) -> nn.Module:
+    """An fp32 model of `config`, to be filled from a weights file: randomly initialised, or with
+    `initialise=False` its parameters left as allocated (a tenth of the time for the default model:
+    1.3 s -> 0.15 s) for a caller that fills every one of them (buffers are made as usual)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if initialise:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # skips the initialisation and, with it, the tying of the embeddings
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()
+    return model.eval()
 
 
 def is_converted(folder: Path) -> bool:
@@ -120,7 +129,8 @@ def load_converted_model(folder: str | Path) -> T2RForCausalLM:
         t2r_config = T2RConfig.from_dict(saved["t2r"])
     except TypeError as error:
         raise T2RError(f"{folder}: config.json is corrupt ({one_line(error)})") from None
-    model = convert(empty_model(build_config(saved["base_config"])), t2r_config)
+    # Every parameter comes from the file (strict): initialising them first would be time thrown away.
+    model = convert(empty_model(build_config(saved["base_config"]), initialise=False), t2r_config)
     try:
         safetensors.torch.load_model(model, str(weights), strict=True)
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files

@@ -18,12 +18,13 @@ guards are checked again on every call: a call they reject runs the lazily compi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,19 @@ log = logging.getLogger(__name__)
 SOURCE_ROOTS = ("modeling", "ops")
 
 
-def artifact_key(function: Callable, args: tuple, backend: str) -> str:
-    """A hex digest of everything the compiled `function(*args)` is specialised on."""
+def source_digest() -> str:
+    """A hex digest of t2r's modeling and ops sources (the .py files and the int4 kernel's C++)."""
     package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for root in SOURCE_ROOTS:
-        for path in sorted((package / root).rglob("*.py")):
+        for path in sorted([*(package / root).rglob("*.py"), *(package / root).rglob("*.cpp")]):
             digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def artifact_key(function: Callable, args: tuple, backend: str) -> str:
+    """A hex digest of everything the compiled `function(*args)` is specialised on."""
+    digest = hashlib.sha256(source_digest().encode())
     description = {
         "function": f"{function.__module__}.{function.__qualname__}",
         "backend": backend,
@@ -81,7 +88,7 @@ def load_or_compile(function: Callable, args: tuple, folder: Path, backend: str 
     path = folder / f"{artifact_key(function, args, backend)}.pt"
     if path.exists():
         try:
-            with path.open("rb") as file:
+            with path.open("rb") as file, vector_isas_as_probed(path.with_suffix(".json")):
                 return torch.compiler.load_compiled_function(file)
         except Exception as error:  # a stale or partial file: compile again below
             log.warning("t2r: compiled step %s did not load (%s); compiling again", path, error)
@@ -93,6 +100,52 @@ def load_or_compile(function: Callable, args: tuple, folder: Path, backend: str 
     try:
         folder.mkdir(parents=True, exist_ok=True)
         compiled.save_compiled_function(str(path))  # written atomically by PyTorch
+        if backend == "inductor":
+            record_vector_isas(path.with_suffix(".json"))
     except Exception as error:  # an unserialisable artifact still runs in this process
         log.warning("t2r: compiled step not saved to %s (%s)", path, error)
     return compiled
+
+
+# Loading an inductor step makes inductor ask which vector instruction sets the machine can use.
+# It answers by compiling and loading a small program per set the CPU's flags name, in a child
+# process each (~1.4 s of a second process's ~10 s wait for its first token here). The process
+# that compiled the step probed exactly that; its answer is recorded beside the step. A later
+# process whose CPU flags name the same sets takes that answer (inductor's own switch,
+# config.cpp.vec_isa_ok); on a machine whose flags differ, inductor probes again.
+
+
+def claimed_vector_isas() -> list[str]:
+    """The vector instruction sets the CPU's flags name, without probing them."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    with config.patch({"cpp.vec_isa_ok": True}):
+        return [str(isa) for isa in valid_vec_isa_list.__wrapped__()]  # uncached: probes nothing
+
+
+def record_vector_isas(path: Path) -> None:
+    """Write the sets inductor's probes found in this process (its cached answer) to `path`."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    probed = [str(isa) for isa in valid_vec_isa_list()]
+    path.write_text(json.dumps({"vector_isas": probed}))
+
+
+@contextlib.contextmanager
+def vector_isas_as_probed(path: Path) -> Iterator[None]:
+    """Inside: inductor takes the CPU's flags at their word if they name what `path` records."""
+    try:
+        recorded = json.loads(path.read_text())["vector_isas"]
+        from torch._inductor import config
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        same = valid_vec_isa_list.cache_info().currsize == 0 and claimed_vector_isas() == recorded
+    except (OSError, ValueError, KeyError, TypeError, ImportError, AttributeError):
+        same = False  # no record, or an inductor without these internals: it probes as usual
+    if not same:
+        yield
+        return
+    with config.patch({"cpp.vec_isa_ok": True}):
+        valid_vec_isa_list()  # cached for the process: the recorded answer
+        yield

@@ -10,12 +10,11 @@ from typing import Any
 import uvicorn
 
 from t2r.errors import UsageError
-from t2r.hub import compiled_steps_folder, load_model
+from t2r.hub import compiled_steps_folder, decode_weights_folder, load_model, model_weights_identity
 from t2r.inference.stopping import eos_ids
+from t2r.modeling.decode_weights import decoding_model
 from t2r.modeling.fast_decode import Decoder
-from t2r.modeling.fused import fuse_projections
 from t2r.modeling.model import T2RForCausalLM
-from t2r.modeling.quantize import with_weights
 from t2r.serving.app import Settings, create_app
 from t2r.serving.engine import Engine
 from t2r.serving.metrics import Metrics
@@ -54,7 +53,8 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     model, tokenizer = load_model(args.model)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
-    model = with_weights(fuse_projections(model), args.weights)  # stacked q/k/v, gate/up: fewer kernels
+    # Stacked q/k/v and gate/up (fewer kernels) in the chosen format, kept on disk for the next start.
+    model = decoding_model(model, args.weights, decode_weights_folder(), model_weights_identity(args.model))
     name = args.served_model_name or Path(args.model).name
     metrics = Metrics()
     engine, sessions = build_engine(model, args, metrics, name)
