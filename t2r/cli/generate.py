@@ -51,7 +51,8 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from t2r.hub import compiled_steps_folder, decode_weights_folder, load_model, model_weights_identity
+    from t2r.caches import compiled_steps_folder, decode_weights_folder
+    from t2r.hub import load_model, model_weights_identity
     from t2r.inference.generate import generate_batch
     from t2r.inference.sampling import Sampling
     from t2r.modeling.decode_weights import decoding_model

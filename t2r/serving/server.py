@@ -9,8 +9,9 @@ from typing import Any
 
 import uvicorn
 
+from t2r.caches import compiled_steps_folder, decode_weights_folder
 from t2r.errors import UsageError
-from t2r.hub import compiled_steps_folder, decode_weights_folder, load_model, model_weights_identity
+from t2r.hub import load_model, model_weights_identity
 from t2r.inference.stopping import eos_ids
 from t2r.modeling.decode_weights import decoding_model
 from t2r.modeling.fast_decode import Decoder
