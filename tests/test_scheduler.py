@@ -101,6 +101,8 @@ def test_a_kept_state_is_the_state_after_the_prompt_and_every_token(model: torch
         _, reference = model(fed, form="chunked")
     for mine, theirs in zip(kept.final_state.layers, reference.layers, strict=True):
         for a, b in zip(state_tensors(mine), state_tensors(theirs), strict=True):
+            # A state built token by token (fast step) vs by the chunked form: sums in another order,
+            # fp32; the absolute floor for entries near 0.
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert int(kept.final_state.seen) == fed.shape[1]
     assert other.tokens == generate(model, other.prompt, 12, Sampling(greedy=True)).new_tokens
@@ -117,6 +119,7 @@ def test_logprobs_are_the_model_distribution(model: torch.nn.Module) -> None:
         logits, _ = model(torch.cat([prompt, torch.tensor(request.tokens)])[None], form="parallel")
     logp = torch.log_softmax(logits[0, len(prompt) - 1 : -1], -1)
     for (chosen, top), token, row in zip(request.token_logprobs, request.tokens, logp, strict=True):
+        # log-probs of O(1)-O(10) from the decode step vs the parallel form: rounding ~1e-6, 1e-4 absolute
         assert chosen == pytest.approx(float(row[token]), abs=1e-4) and token == max(top, key=top.get)
         assert len(top) == 2
 

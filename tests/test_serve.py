@@ -185,6 +185,8 @@ def test_echo_and_logprobs_score_the_prompt_as_the_model_does(served: Served, mo
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids]), form="parallel")
     expected = torch.log_softmax(logits[0, :-1].double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    # The server scores in bounded chunks through the chunked form; the reference is one parallel pass:
+    # fp32 log-probs of O(1)-O(10), ~1e-6 apart; 1e-4 absolute.
     assert torch.allclose(torch.tensor(scores[1 : len(ids)], dtype=torch.double), expected, atol=1e-4)
 
 
@@ -344,6 +346,7 @@ def test_lm_eval_local_completions_scores_loglikelihood_through_the_server(serve
         with torch.no_grad():
             logits, _ = model(torch.tensor([ids]), form="parallel")
         logp = torch.log_softmax(logits[0, :-1].double(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        # a sum of a few log-probs, each ~1e-6 apart (another form, another order); JSON round-trips floats
         assert score == pytest.approx(float(logp[len(context_ids) - 1 :].sum()), abs=1e-3)
 
 
