@@ -4,6 +4,7 @@ quantised one bit for bit, in every weight format and with tied weights; a bad f
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,18 @@ def test_fp32_or_no_source_keeps_nothing(tmp_path: Path) -> None:
     decoding_model(copy.deepcopy(model), "fp32", tmp_path, source="a")
     decoding_model(copy.deepcopy(model), "int4", tmp_path, source="")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_folder_keeps_the_most_recently_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(module, "KEPT_FILES", 2)
+    model = model_of("gpt2")
+    for source in ("a", "b"):
+        decoding_model(copy.deepcopy(model), "int8", tmp_path, source=source)
+    first = {path.name for path in tmp_path.glob("*.safetensors")}
+    time.sleep(0.01)
+    decoding_model(copy.deepcopy(model), "int8", tmp_path, source="a")  # used again: now the newest
+    time.sleep(0.01)
+    decoding_model(copy.deepcopy(model), "int8", tmp_path, source="c")
+    left = {path.name for path in tmp_path.glob("*.safetensors")}
+    assert len(left) == 2 and len(left & first) == 1  # "b", the least recently used, went
+    assert module.cache_key(model, "int8", "a") + ".safetensors" in left

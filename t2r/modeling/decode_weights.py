@@ -11,11 +11,12 @@ own code, so it is kept as one safetensors file per (weights, format, code) in t
 A later call with the same `source` builds the decoding model's modules on the meta device (shapes
 only, no arithmetic) and fills them from the file: every tensor is the one the first process
 computed, bit for bit (tested). A file that does not load or does not match the modules is
-ignored and the model is quantised again.
+ignored and the model is quantised again. The folder keeps the KEPT_FILES most recently used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -36,6 +37,9 @@ from t2r.modeling.step_artifacts import describe, source_digest
 log = logging.getLogger(__name__)
 
 ALIASES_KEY = "t2r_aliases"  # metadata: names that share another name's tensor (tied weights)
+# Kept models in the folder at most (the most recently used): ~200 MB each for the default model in
+# int4, so the folder stays under a GB whatever number of models, formats and t2r versions ran.
+KEPT_FILES = 4
 
 
 def weights_identity(path: Path) -> str:
@@ -56,13 +60,23 @@ def decoding_model(model: nn.Module, weight_format: str, folder: Path | None = N
     if path.is_file():
         loaded = load_kept(model, weight_format, path)
         if loaded is not None:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # recently used: the last file pruning removes
             return loaded
     ready = with_weights(fuse_projections(model), weight_format)
     try:
         keep(ready, path)
+        prune(folder)
     except (OSError, RuntimeError, ValueError) as error:  # a full disk, a read-only cache: still decode
         log.warning("t2r: decode weights not kept in %s (%s)", path, error)
     return ready
+
+
+def prune(folder: Path) -> None:
+    """Remove all but the KEPT_FILES most recently used kept models (each is hundreds of MB)."""
+    kept = sorted(folder.glob("*.safetensors"), key=lambda path: path.stat().st_mtime_ns, reverse=True)
+    for path in kept[KEPT_FILES:]:
+        path.unlink(missing_ok=True)
 
 
 def cache_key(model: nn.Module, weight_format: str, source: str) -> str:
