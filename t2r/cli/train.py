@@ -75,8 +75,13 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
         help="positions whose logits exist at once in the loss (0: the whole [batch, seq, vocab])")  # fmt: skip
     add("--no-share-weights", dest="share_weights", action="store_false",
         help="give the student its own copy of the teacher's frozen weights (more memory)")  # fmt: skip
-    add("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false",
-        help="keep every layer's activations for backward, not recompute them (more memory, faster)")  # fmt: skip
+    recompute = parser.add_mutually_exclusive_group()
+    recompute.add_argument("--checkpoint-layers", dest="checkpoint_layers", action="store_const", const=True,
+        help="recompute each layer's activations in backward (less memory, slower; default: only where "
+        "keeping them would not fit in memory)")  # fmt: skip
+    recompute.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_const", const=False,
+        help="keep every layer's activations for backward, not recompute them (more memory, faster; default: "
+        "wherever they fit)")  # fmt: skip
     add("--resume", action="store_true", help="continue from the last complete checkpoint")
     add(
         "--from-scratch",

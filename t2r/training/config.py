@@ -38,10 +38,11 @@ class TrainConfig:
     seed: int = 0
     # Memory: the distillation and CE losses are made this many positions at a time (0: the whole
     # [B, T, V] logits at once), the student shares the teacher's frozen tensors, and each layer's
-    # activations are recomputed in backward rather than kept (one layer's exist at a time).
+    # activations are recomputed in backward rather than kept (True: one layer's exist at a time),
+    # kept (False), or, with None, kept where they fit in memory (t2r.training.activation_memory).
     loss_chunk: int = 256
     share_weights: bool = True
-    checkpoint_layers: bool = True
+    checkpoint_layers: bool | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:

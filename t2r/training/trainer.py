@@ -37,6 +37,7 @@ from t2r.data.blocks import batch_indices
 from t2r.errors import T2RError, UsageError
 from t2r.evaluation.perplexity import EvalResult, evaluate_blocks
 from t2r.modeling.model import T2RForCausalLM
+from t2r.training.activation_memory import choose_recomputation
 from t2r.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2r.training.config import Interrupted, TrainConfig
 from t2r.training.data import TrainingData
@@ -95,6 +96,8 @@ class Trainer:
             self.shared_bytes = share_frozen_weights(student, self.teacher)
         self.data = data
         self.config = config
+        tokens, main = config.batch_size // config.grad_accum * config.seq_len, self.accelerator.is_main_process
+        self.recompute = choose_recomputation(config.checkpoint_layers, student, tokens, main)  # or the saved run's
         self.out = out
         self.run_settings = run_settings
         self.progress = progress and self.accelerator.is_main_process
@@ -118,6 +121,7 @@ class Trainer:
             "data": self.data.sources,
             "blocks": {"train": len(self.data.blocks), "valid": len(self.data.valid)},
             "processes": self.accelerator.num_processes,
+            "recompute_layers": self.recompute,  # the choice a resumed run keeps
             "distributed_type": self.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
             "git_commit": git_commit(),
             "versions": versions(),
@@ -180,11 +184,18 @@ class Trainer:
         manifest_path = self.out / "manifest.json"
         if resume and manifest_path.is_file():
             saved = json.loads(manifest_path.read_text())
+            # Recomputing activations or keeping them gives the same losses (tested): unless told, a resumed
+            # run keeps the saved run's choice (runs before the choice was automatic saved it as the setting).
+            settings = saved.get("train_config")
+            earlier = settings.pop("checkpoint_layers", None) if isinstance(settings, dict) else None
+            earlier = saved.get("recompute_layers", earlier)
+            if self.config.checkpoint_layers is None and earlier is not None:
+                self.recompute = manifest["recompute_layers"] = earlier
             for key in ("train_config", "t2r_config", "data", "processes"):
-                mine = manifest[key]
-                if key == "train_config" and isinstance(saved.get(key), dict):  # settings newer than the run
-                    mine = {name: value for name, value in mine.items() if name in saved[key]}
-                if saved.get(key) != mine:
+                mine, theirs = manifest[key], saved.get(key)
+                if key == "train_config" and isinstance(theirs, dict):  # settings newer than the run: not compared
+                    mine = {name: value for name, value in mine.items() if name in theirs}
+                if theirs != mine:
                     raise UsageError(f"--resume: this run's {key.replace('_', ' ')} differs from the saved run's")
             manifest["resumes"] = saved.get("resumes", 0) + 1
         if self.accelerator.is_main_process:
@@ -225,13 +236,13 @@ class Trainer:
         accelerator = self.accelerator
         self.set_trainable(stage)
         if stage == "transfer":
-            objective: nn.Module = AttentionTransfer(self.student, config.checkpoint_layers)
+            objective: nn.Module = AttentionTransfer(self.student, self.recompute)
             lr = config.lr_transfer
         else:
             teacher, adapter = self.teacher, self.student.adapter
             objective = Finetune(
                 self.student, config.ce_weight, config.distill_weight, config.temperature, config.loss_chunk,
-                lambda normed: adapter.logits(teacher, normed), config.checkpoint_layers,
+                lambda normed: adapter.logits(teacher, normed), self.recompute,
             )  # fmt: skip
             lr = config.lr_finetune
         parameters = [p for p in self.student.parameters() if p.requires_grad]
