@@ -107,3 +107,11 @@ def test_without_the_kernel_int4_falls_back_to_the_reference(monkeypatch: pytest
     x = torch.randn(1, 64)
     expected = int4_matmul_reference(x, blocks, round_activations=True)
     assert torch.allclose(module.int4_matmul(x, blocks), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_meta_weights_give_the_blocks_shapes_only() -> None:
+    """A model built on the meta device to be filled from a file (t2r.modeling.decode_weights):
+    the blocks' shapes and dtypes, nothing computed."""
+    weight = torch.randn(40, 96)
+    real, shapes = quantise_int4(weight), quantise_int4(weight.to("meta"))
+    assert all(s.is_meta and (s.shape, s.dtype) == (r.shape, r.dtype) for r, s in zip(real, shapes, strict=True))

@@ -48,6 +48,11 @@ def quantise_int4(weight: torch.Tensor) -> Int4Weight:
     out_features, in_features = weight.shape
     if in_features % GROUP:
         raise ValueError(f"int4 blocks need inputs in multiples of {GROUP}, not {in_features}")
+    if weight.is_meta:  # shapes only (a model built to be filled from a file): no arithmetic to trace
+        groups = in_features // GROUP
+        empty = [torch.empty(out_features, groups, *shape, dtype=dtype, device="meta")
+                 for shape, dtype in (((16,), torch.uint8), ((), torch.float16), ((), torch.float16))]  # fmt: skip
+        return Int4Weight(*empty)
     grouped = weight.detach().float().view(out_features, in_features // GROUP, GROUP)
     low = grouped.amin(-1).half()
     step = ((grouped.amax(-1) - low.float()) / 15).half()
