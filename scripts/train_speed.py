@@ -10,7 +10,8 @@ time is the difference between consecutive `seconds` of metrics.jsonl, within a 
 first step (its set-up) is left out. tokens/s of a side is the median over its timed steps of every
 round (min-max beside it); the loss difference is the largest |old - new| over the first N steps
 of the first round, per stage. Writes the JSON (the shape issue 30 asks for: {"stages": {"transfer":
-{"old": {"tokens_per_s": ...}, "new": {...}, "max_loss_difference": ...}, "finetune": {...}}, ...}).
+{"old": {"tokens_per_s": ...}, "new": {...}, "max_loss_difference": ...}, "finetune": {...}}, ...})
+and the "train-speed" section of BENCHMARKS.md; `--report-only` renders that section from the JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from t2r.evaluation.markdown import replace_section  # noqa: E402
+
 STAGES = ("transfer", "finetune")
 BATCH, SEQ_LEN = 4, 512  # the default recipe's batch: 4 blocks of 512 tokens a step
 
@@ -62,7 +67,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="steps of each stage in a run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side, interleaved")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "train_speed.json")
+    parser.add_argument("--report-only", action="store_true", help="render BENCHMARKS.md from --out, run nothing")
     options = parser.parse_args()
+    if options.report_only:
+        write_report(json.loads(options.out.read_text()))
+        return
 
     seconds: dict[str, dict[str, list[float]]] = {side: {s: [] for s in STAGES} for side in ("old", "new")}
     first_losses: dict[str, dict[str, list[float]]] = {}
@@ -104,14 +113,35 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "command": f"python scripts/train_speed.py --base {options.base} --steps {options.steps} "
         f"--rounds {options.rounds}",
+        "new_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip(),
         "tokens_per_step": BATCH * SEQ_LEN,
         "stages": stages,
     }
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(result, indent=2) + "\n")
-    for stage, entry in stages.items():
-        print(f"{stage}: old {entry['old']['tokens_per_s']:.0f} tok/s, new {entry['new']['tokens_per_s']:.0f} "
-              f"({entry['speedup']:.2f}x), max loss difference {entry['max_loss_difference']:.2e}")  # fmt: skip
+    write_report(result)
+
+
+def write_report(result: dict) -> None:
+    lines = [
+        f"`{result['command']}` ({result['date']}, {result['machine']}; working tree at "
+        f"{result.get('new_commit', 'its commit')}): `t2r train` of the default model on the built-in corpus, "
+        f"{result['tokens_per_step']:,} tokens a step, old code and new alternating; tokens/s are medians over "
+        "each side's steps after the first of each stage (min-max).",
+        "",
+        "| stage | old tokens/s | new tokens/s | new / old | largest loss difference, first steps |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, entry in result["stages"].items():
+        old, new = entry["old"], entry["new"]
+        lines.append(
+            f"| {stage} | {old['tokens_per_s']:.0f} ({old['tokens_per_s_min']:.0f}-{old['tokens_per_s_max']:.0f}) | "
+            f"{new['tokens_per_s']:.0f} ({new['tokens_per_s_min']:.0f}-{new['tokens_per_s_max']:.0f}) | "
+            f"{entry['speedup']:.2f} | {entry['max_loss_difference']:.2e} |"
+        )
+    replace_section(ROOT / "BENCHMARKS.md", "train-speed", "\n".join(lines), "Training speed: old code against new")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from t2r.caches import cache_root, compiled_steps_folder  # noqa: F401 (part of 
 from t2r.errors import T2RError, UsageError, one_line
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.saved import (
+    WEIGHTS_FILE,
     current_umask,
     is_converted,
     load_converted_model,
@@ -67,7 +68,7 @@ def model_weights_identity(spec: str) -> str:
     """What names a converted model's weights (its file's path, size, time); "" for a teacher."""
     from t2r.modeling.decode_weights import weights_identity
 
-    weights = (ready_model_folder(spec) if spec in READY else Path(spec).expanduser()) / "model.safetensors"
+    weights = (ready_model_folder(spec) if spec in READY else Path(spec).expanduser()) / WEIGHTS_FILE
     return weights_identity(weights) if weights.is_file() else ""
 
 

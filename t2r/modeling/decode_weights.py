@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import safetensors
@@ -32,6 +31,7 @@ import torch.nn as nn
 
 from t2r.modeling.fused import fuse_projections
 from t2r.modeling.quantize import with_weights
+from t2r.modeling.saved import write_atomically
 from t2r.modeling.step_artifacts import describe, source_digest
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,8 @@ def keep(model: nn.Module, path: Path) -> None:
             seen[id(tensor)] = name
             tensors[name] = tensor.detach().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    os.close(handle)
-    try:
-        safetensors.torch.save_file(tensors, partial, metadata={ALIASES_KEY: json.dumps(aliases)})
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    metadata = {ALIASES_KEY: json.dumps(aliases)}
+    write_atomically(path, lambda partial: safetensors.torch.save_file(tensors, str(partial), metadata=metadata))
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
