@@ -113,9 +113,11 @@ def run(args: argparse.Namespace) -> None:
     from t2r.data.sources import resolve_sources
     from t2r.hub import load_model, load_teacher
     from t2r.training.data import training_data
+    from t2r.training.allocator import keep_freed_memory
     from t2r.training.trainer import Trainer
 
     config = train_config(args)
+    keep_freed_memory()  # a step frees and reallocates the same large blocks: keep them mapped
     check_out(args)
     resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)

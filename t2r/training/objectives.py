@@ -22,6 +22,7 @@ from t2r.errors import UsageError
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
+from t2r.training.head_loss import head_loss
 
 
 @contextmanager
@@ -101,9 +102,9 @@ class Finetune(nn.Module):
 
     With `chunk` > 0 (what `t2r train` does) no [B, T, V] tensor exists: the student hands over its
     last hidden states, the teacher its normed ones, and logits, log-softmaxes and both losses are
-    made `chunk` positions at a time under activation checkpointing, so backward recomputes one
-    chunk's logits at a time too (the Liger-kernel idea, in plain PyTorch). The loss and gradients
-    are those of the whole-tensor form (chunk 0), tested.
+    made `chunk` positions at a time, each chunk's gradient right after its loss
+    (`t2r.training.head_loss`: nothing is recomputed in backward). The loss and gradients are
+    those of the whole-tensor form (chunk 0), tested.
     """
 
     def __init__(
@@ -138,37 +139,48 @@ class Finetune(nn.Module):
         ce_mask = (scored & ce_rows[:, None])[scored]  # [N]: which scored positions are CE targets
         targets = input_ids[:, 1:][scored]  # [N]
         distill = self.distill_weight > 0 and teacher_out is not None
+        count, ce_count = len(targets), int(ce_mask.sum())
         if self.chunk > 0:
             hidden, _ = self.student(
                 input_ids, attention_mask, form="chunked", return_hidden=True, checkpoint_layers=self.checkpoint_layers
             )
             hidden = hidden[:, :-1][scored]  # [N, E]
             teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
-            ce_sum, kl_sum = hidden.new_zeros(()), hidden.new_zeros(())
-            for start in range(0, len(hidden), self.chunk):
-                part = slice(start, start + self.chunk)
-                ce_part, kl_part = checkpoint(
-                    self._chunk_losses, hidden[part], None if teacher is None else teacher[part], targets[part],
-                    ce_mask[part], use_reentrant=False,
-                )  # fmt: skip
-                ce_sum, kl_sum = ce_sum + ce_part, kl_sum + kl_part
+
+            def chunk_loss(part: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ce_part, kl_part = self._chunk_losses(
+                    part, None if teacher is None else teacher[start:stop], targets[start:stop], ce_mask[start:stop]
+                )
+                sums = torch.stack([ce_part, kl_part]).detach()
+                return self._weighted(ce_part, kl_part, ce_count, count, distill), sums
+
+            trainable = [p for p in self.student.parameters() if p.requires_grad]
+            loss, sums = head_loss(chunk_loss, hidden, self.chunk, trainable)
+            ce_sum, kl_sum = sums.unbind()
         else:
             logits, _ = self.student(
                 input_ids, attention_mask, form="chunked", checkpoint_layers=self.checkpoint_layers
             )
             teacher = teacher_out[:, :-1][scored] if distill else None  # type: ignore[index]
             ce_sum, kl_sum = self._losses(logits[:, :-1][scored], teacher, targets, ce_mask)
-        loss = ce_sum.new_zeros(())
+            loss = self._weighted(ce_sum, kl_sum, ce_count, count, distill)
         parts: dict[str, float] = {}
-        if self.ce_weight > 0 and ce_mask.any():
-            ce = ce_sum / ce_mask.sum()
-            loss = loss + self.ce_weight * ce
-            parts["ce"] = ce.item()
+        if self.ce_weight > 0 and ce_count:
+            parts["ce"] = (ce_sum / ce_count).item()
         if distill:
-            kl = kl_sum / max(1, len(targets))  # KL summed over the vocabulary, averaged over positions
-            loss = loss + self.distill_weight * self.temperature**2 * kl
-            parts["kl"] = kl.item()
+            parts["kl"] = (kl_sum / max(1, count)).item()
         return loss, parts
+
+    def _weighted(self, ce_sum: torch.Tensor, kl_sum: torch.Tensor, ce_count: int, count: int,
+                  distill: bool) -> torch.Tensor:  # fmt: skip
+        """The loss from the sums over positions: CE averaged over its ce_count targets, KL (summed over
+        the vocabulary) averaged over all count positions, each weighted."""
+        loss = ce_sum.new_zeros(())
+        if self.ce_weight > 0 and ce_count:
+            loss = loss + self.ce_weight * ce_sum / ce_count
+        if distill:
+            loss = loss + self.distill_weight * self.temperature**2 * kl_sum / max(1, count)
+        return loss
 
     def _chunk_losses(self, hidden: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor,
                       ce_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
