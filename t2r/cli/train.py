@@ -82,6 +82,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     recompute.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_const", const=False,
         help="keep every layer's activations for backward, not recompute them (more memory, faster; default: "
         "wherever they fit)")  # fmt: skip
+    add("--no-compile", dest="compile", action="store_false",
+        help="run the chunked attention eagerly (default: through torch.compile where a compiler exists)")  # fmt: skip
     add("--resume", action="store_true", help="continue from the last complete checkpoint")
     add(
         "--from-scratch",
@@ -94,7 +96,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     names = [
         "transfer_steps", "finetune_steps", "batch_size", "grad_accum", "seq_len", "lr_transfer", "lr_finetune",
         "ce_weight", "distill_weight", "temperature", "lora_rank", "checkpoint_every", "keep", "eval_blocks", "seed",
-        "loss_chunk", "share_weights", "checkpoint_layers",
+        "loss_chunk", "share_weights", "checkpoint_layers", "compile",
     ]  # fmt: skip
     return TrainConfig(**{name: getattr(args, name) for name in names}, full=args.full or args.from_scratch)
 
@@ -112,8 +114,8 @@ def check_out(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     from t2r.data.sources import resolve_sources
     from t2r.hub import load_model, load_teacher
-    from t2r.training.data import training_data
     from t2r.training.allocator import keep_freed_memory
+    from t2r.training.data import training_data
     from t2r.training.trainer import Trainer
 
     config = train_config(args)

@@ -66,6 +66,7 @@ class LinearAttention(nn.Module):
         self.chunk_size = chunk_size
         self.decay = decay
         self.sinks = sinks
+        self.compiled = False  # the chunked form through torch.compile (a setting of the process, not saved)
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
             dtype = torch.float32 if weight is None else weight.dtype
@@ -147,10 +148,10 @@ class LinearAttention(nn.Module):
             k_features, v = repeat_heads(k_features, heads), repeat_heads(v, heads)  # GQA, as in the teacher
             # A padded key leaves the numerator and the normaliser: zero its features.
             phi_k = self.key_map()(k_features) * mask[:, None, :, None].to(k_features.dtype)
-            op = attention_op(form, self.chunk_size)
+            op = attention_op(form, self.chunk_size, compiled=self.compiled)
             out, next_state = op(phi_q, phi_k, v, initial_state=state, eps=self.eps)  # [B, H, T, D]
         else:
-            op = attention_op(form, self.chunk_size, hybrid=True)
+            op = attention_op(form, self.chunk_size, hybrid=True, compiled=self.compiled)
             out, next_state = op(
                 q, k, v, phi_q, k_features, mask.bool(), state,
                 feature_map_k=self.key_map(),

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from t2r.ops.toolchain import cpp_compiler_missing
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,7 @@ def machine_lacks_kernel() -> str | None:
         return f"the int4 kernel needs AVX2; this CPU's capability is {capability}"
     if os.environ.get("T2R_NO_INT4_KERNEL"):
         return "T2R_NO_INT4_KERNEL is set"
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler!r} is not on PATH)"
-    return None
+    return cpp_compiler_missing()
 
 
 def kernel_build_error() -> str | None:

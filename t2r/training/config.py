@@ -43,6 +43,8 @@ class TrainConfig:
     loss_chunk: int = 256
     share_weights: bool = True
     checkpoint_layers: bool | None = None
+    # Speed: the chunked attention through torch.compile where the machine can (t2r.training.compiled_attention).
+    compile: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size % self.grad_accum:

@@ -39,6 +39,7 @@ from t2r.evaluation.perplexity import EvalResult, evaluate_blocks
 from t2r.modeling.model import T2RForCausalLM
 from t2r.training.activation_memory import choose_recomputation
 from t2r.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from t2r.training.compiled_attention import compile_attention
 from t2r.training.config import Interrupted, TrainConfig
 from t2r.training.data import TrainingData
 from t2r.training.distributed import (
@@ -98,6 +99,7 @@ class Trainer:
         self.config = config
         tokens, main = config.batch_size // config.grad_accum * config.seq_len, self.accelerator.is_main_process
         self.recompute = choose_recomputation(config.checkpoint_layers, student, tokens, main)  # or the saved run's
+        self.compiled = compile_attention(student, config.compile, self.accelerator)
         self.out = out
         self.run_settings = run_settings
         self.progress = progress and self.accelerator.is_main_process
@@ -122,6 +124,7 @@ class Trainer:
             "blocks": {"train": len(self.data.blocks), "valid": len(self.data.valid)},
             "processes": self.accelerator.num_processes,
             "recompute_layers": self.recompute,  # the choice a resumed run keeps
+            "compiled_attention": self.compiled,
             "distributed_type": self.accelerator.distributed_type.value,  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
             "git_commit": git_commit(),
             "versions": versions(),
@@ -152,8 +155,7 @@ class Trainer:
         """This process's blocks [b, T] of optimizer step `step`, and their ce_rows [b]."""
         processes = self.accelerator.num_processes
         indices = batch_indices(len(self.data.blocks), step, self.config.batch_size * processes, self.config.seed)
-        mine = indices[self.accelerator.process_index :: processes]
-        device = self.accelerator.device
+        mine, device = indices[self.accelerator.process_index :: processes], self.accelerator.device
         return self.data.blocks[mine].to(device), self.data.ce_rows[mine].to(device)
 
     # ------------------------------------------------------------------ stages
@@ -187,7 +189,9 @@ class Trainer:
             # Recomputing activations or keeping them gives the same losses (tested): unless told, a resumed
             # run keeps the saved run's choice (runs before the choice was automatic saved it as the setting).
             settings = saved.get("train_config")
-            earlier = settings.pop("checkpoint_layers", None) if isinstance(settings, dict) else None
+            settings = settings if isinstance(settings, dict) else {}
+            settings.pop("compile", None)  # speed alone: a run may resume with or without it
+            earlier = settings.pop("checkpoint_layers", None)
             earlier = saved.get("recompute_layers", earlier)
             if self.config.checkpoint_layers is None and earlier is not None:
                 self.recompute = manifest["recompute_layers"] = earlier
@@ -383,11 +387,7 @@ class Trainer:
     def finish(self, tokenizer: Any, evaluations: dict[str, Any]) -> dict[str, Any]:
         from t2r.hub import save_converted
 
-        summary = {
-            "tokens": self.tokens,
-            "minutes": self.elapsed() / 60,
-            "validation": evaluations,
-        }
+        summary = {"tokens": self.tokens, "minutes": self.elapsed() / 60, "validation": evaluations}
         student = self.unsharded_student()
         if student is not None:  # the main process
             if has_lora(student):
