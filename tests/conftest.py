@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+# Training runs of tiny models stay eager: each new shape would cost a torch.compile of seconds, and
+# what is tested there is the training, not the compiler. tests/test_training_speed.py tests the
+# compiled path (ops and a run) with this unset.
+os.environ.setdefault("T2R_NO_COMPILE", "1")
 
 VOCAB = 320
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
