@@ -283,7 +283,8 @@ def main() -> None:
         "label": recipe["label"],
         "teacher_label": recipe.get("teacher_label", "SmolLM2-135M"),
         "command": "t2r train " + " ".join(train_args),
-        "script": f"python scripts/recipe.py --recipe {args.recipe}",
+        "script": f"python scripts/recipe.py --recipe {args.recipe}"
+        + (" --against-window" if args.against_window else ""),
         "teacher": teacher,
         "converted": student,
         "ratio": student["perplexity"] / teacher["perplexity"],

@@ -37,7 +37,8 @@ def _blocks(x: torch.Tensor, size: int, step: int) -> torch.Tensor:
     """[B, H, S, X] -> [B, H, N, size, X]: overlapping blocks of slots, `step` apart (N = (S - size) // step + 1).
 
     Made of ceil(size / step) shifted non-overlapping views, concatenated: the same tensor as
-    `x.unfold(2, size, step)`, but its backward is slicing and adding (unfold's is ~5x slower here).
+    `x.unfold(2, size, step)`, but its backward is slicing and adding (unfold's backward took ~10 ms
+    of a ~150 ms layer forward + backward in training here, 4 x 512 tokens, 9 heads).
     """
     count = (x.shape[2] - size) // step + 1
     pieces = -(-size // step)
