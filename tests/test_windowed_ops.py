@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from t2r.modeling.feature_maps import build_feature_map, map_query_heads
-from t2r.ops.state import HybridAttentionState, LinearAttentionState
-from t2r.ops.windowed import recurrent_windowed_attention, repeat_heads, windowed_attention
+from t2r.ops.state import HybridAttentionState, LinearAttentionState, RingWindow
+from t2r.ops.windowed import repeat_heads, windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
+from t2r.ops.windowed_ring import windowed_ring_step_
+from t2r.ops.windowed_step import recurrent_windowed_attention
 from tests.test_ops import assert_close
 
 B, H, G, D = 2, 4, 2, 12  # GQA: 4 query heads read 2 key/value heads
@@ -235,3 +237,40 @@ def test_the_softmax_stabiliser_covers_the_sinks(op) -> None:
     )
     assert torch.isfinite(out).all() and torch.isfinite(expected).all()
     assert_close(out, expected, "output", tolerance=1e-4)  # scores in the hundreds: rounding grows
+
+
+@pytest.mark.parametrize("window", [1, 4])
+@pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("sinks", [0, 3], ids=["no-sinks", "sinks"])
+@pytest.mark.parametrize("linear_heads", LINEAR_HEADS)
+def test_the_in_place_ring_step_matches_the_reference(window: int, decay: bool, sinks: int, linear_heads: str) -> None:
+    """The decode path's form (`ops.windowed_ring`: a ring buffer written in place, token by token)
+    against the parallel reference: every output and the final state, with sink queries of their own
+    and soft-capping."""
+    rates = LINEAR_HEADS[linear_heads][1] if decay else None
+    length = 11
+    phi, leaves, _, valids = make_case(length, window, sinks=sinks, linear_heads=linear_heads)
+    q, k, v, linear_q, linear_k, *_, share = (x.detach() for x in leaves)
+    valid = torch.ones(B, length, dtype=torch.bool)  # decoding: every new token is real
+    sink_q = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    settings = dict(feature_map_k=phi, window_share=share, scale=SCALE, decay=rates, softcap=5.0)
+    with torch.no_grad():
+        phi_q = map_query_heads(phi, linear_q)
+        expected, final = windowed_attention(
+            q, k, v, phi_q, linear_k, valid, initial_state(leaves, valids), sink_queries=sink_q, **settings
+        )
+        ring = RingWindow.from_hybrid(initial_state([x.detach() for x in leaves], valids))
+        outputs = []
+        for t in range(length):
+            slot = torch.tensor([t % window])
+            outputs.append(windowed_ring_step_(
+                q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], linear_k[:, :, t], ring, slot,
+                sink_queries=sink_q[:, :, t], **settings,
+            ))  # fmt: skip
+    assert_close(torch.stack(outputs, dim=2), expected, "output")  # TOLERANCE: 1e-5 of values of order 1
+    got = ring.to_hybrid(length)
+    for name in ("keys", "values", "linear_keys", "sink_keys", "sink_values"):
+        assert_close(getattr(got, name), getattr(final, name), f"final {name}")
+    assert_close(got.linear.kv, final.linear.kv, "final kv")
+    assert_close(got.linear.k_sum, final.linear.k_sum, "final k_sum")
+    assert torch.equal(got.valid, final.valid) and torch.equal(got.sink_valid, final.sink_valid)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from t2r.modeling.fast_decode import FastState, RingWindow
-from t2r.ops.state import LinearAttentionState
+from t2r.modeling.fast_decode import FastState
+from t2r.ops.state import LinearAttentionState, RingWindow
 
 _RING_TENSORS = ("kv", "k_sum", "keys", "values", "linear_keys", "valid")
 

@@ -100,6 +100,10 @@ class LinearAttention(nn.Module):
             return q_features[..., :0], k_features[..., :0]
         return q_features, k_features
 
+    def window_share(self) -> torch.Tensor:
+        """[H] each head's share of the softmax part, sigmoid(window_logit) (window > 0 only)."""
+        return torch.sigmoid(self.window_logit)
+
     def decay_per_head(self) -> torch.Tensor | None:
         """[L] fp32 forgetting factors of the linear part, or None."""
         if self.decay is None:
@@ -155,7 +159,7 @@ class LinearAttention(nn.Module):
             out, next_state = op(
                 q, k, v, phi_q, k_features, mask.bool(), state,
                 feature_map_k=self.key_map(),
-                window_share=torch.sigmoid(self.window_logit),
+                window_share=self.window_share(),
                 scale=self.adapter.softmax_scale(self.projections),
                 eps=self.eps,
                 decay=self.decay_per_head(),

@@ -3,9 +3,11 @@
 `model.step` (the reference) builds a new state every token: it concatenates the window, copies
 the linear state and walks the reference step. Here the state is allocated once and written in
 place: the window is a ring buffer (one slot overwritten per token, a pointer shared by the batch),
-the linear state takes a rank-1 update (`addcmul_`), and GQA reads key/value heads through a view
-instead of repeating them. Layers kept as softmax attention fall back to their module (their cache
-grows anyway). Every function here is tested against `model.step`: logits and state.
+the linear state takes a rank-1 update, and GQA reads key/value heads through a view instead of
+repeating them. The maths of a token is `ops`' (`ops.windowed_ring`, `ops.reference`'s in-place
+step), tested against the reference there; this module runs it through the model's layers. Layers
+kept as softmax attention fall back to their module (their cache grows anyway). `fast_step` is
+tested against `model.step`: logits and state.
 
     state = FastState.from_model_state(prefill_state)   # after a chunked prefill
     logits = fast_step(model, ids, state)               # state is updated in place and returned
@@ -23,33 +25,10 @@ from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.step_artifacts import load_or_compile
 from t2r.ops.denormals import flush_denormals
-from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState
-from t2r.ops.windowed import capped
-
-
-@dataclass
-class RingWindow:
-    """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
-
-    kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
-    [B, G, S + W, D] and valid [B, S + W]: the S sink slots first, then the W window slots, so
-    that one product scores both without a copy; linear_keys [B, G, W, D] (the window slots only).
-    The window slots are a ring: slot `FastState.next_slot` mod W is the oldest, the next to be
-    overwritten (layers may differ in W: a teacher's local layer kept beside converted ones).
-    """
-
-    kv: torch.Tensor
-    k_sum: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    linear_keys: torch.Tensor
-    valid: torch.Tensor
-    sinks: int
-
-    def select(self, index: torch.Tensor) -> RingWindow:
-        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid)
-        return RingWindow(*(x[index] for x in tensors), self.sinks)
-
+from t2r.ops.reference import linear_attention_step_
+from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState, RingWindow
+from t2r.ops.windowed import repeat_heads
+from t2r.ops.windowed_ring import windowed_ring_step_
 
 LayerFastState = RingWindow | LinearAttentionState | KVCacheState
 
@@ -77,17 +56,7 @@ class FastState:
         layers: list[LayerFastState] = []
         for layer in state.layers:
             if isinstance(layer, HybridAttentionState):
-                layers.append(
-                    RingWindow(
-                        layer.linear.kv.clone(),
-                        layer.linear.k_sum.clone(),
-                        torch.cat([layer.sink_keys, layer.keys], 2),
-                        torch.cat([layer.sink_values, layer.values], 2),
-                        layer.linear_keys.clone(),
-                        torch.cat([layer.sink_valid, layer.valid], 1),
-                        layer.sinks,
-                    )
-                )
+                layers.append(RingWindow.from_hybrid(layer))
             elif isinstance(layer, LinearAttentionState):
                 layers.append(LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()))
             else:
@@ -99,23 +68,7 @@ class FastState:
         layers = []
         for layer in self.layers:
             if isinstance(layer, RingWindow):
-
-                def ordered(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
-                    return torch.roll(x, -int(self.next_slot), dims=dim)
-
-                sinks = layer.sinks
-                layers.append(
-                    HybridAttentionState(
-                        LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()),
-                        ordered(layer.keys[:, :, sinks:]),
-                        ordered(layer.values[:, :, sinks:]),
-                        ordered(layer.linear_keys),
-                        ordered(layer.valid[:, sinks:], 1),
-                        layer.keys[:, :, :sinks].clone(),
-                        layer.values[:, :, :sinks].clone(),
-                        layer.valid[:, :sinks].clone(),
-                    )
-                )
+                layers.append(layer.to_hybrid(int(self.next_slot)))
             elif isinstance(layer, LinearAttentionState):
                 layers.append(LinearAttentionState(layer.kv.clone(), layer.k_sum.clone()))
             else:
@@ -194,16 +147,10 @@ def _linear_step(
     attention: LinearAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearAttentionState
 ) -> torch.Tensor:
     """Pure linear layer, one token: q [B, H, D], k, v [B, G, D]; kv and k_sum updated in place."""
-    groups = q.shape[1] // k.shape[1]
-    phi_q = attention.feature_map_q(q[:, :, None])[:, :, 0].float()  # [B, H, F]
-    k_heads = k.repeat_interleave(groups, 1) if groups > 1 else k
-    phi_k = attention.key_map()(k_heads[:, :, None])[:, :, 0].float()
-    v_heads = (v.repeat_interleave(groups, 1) if groups > 1 else v).float()
-    state.kv.addcmul_(phi_k.unsqueeze(-1), v_heads.unsqueeze(-2))
-    state.k_sum.add_(phi_k)
-    numerator = torch.matmul(phi_q.unsqueeze(-2), state.kv).squeeze(-2)  # [B, H, D]
-    denominator = (phi_q * state.k_sum).sum(-1, keepdim=True)
-    return (numerator / (denominator + attention.eps)).to(v.dtype)
+    heads = q.shape[1]
+    phi_q = attention.feature_map_q(q[:, :, None])[:, :, 0]  # [B, H, F]
+    phi_k = attention.key_map()(repeat_heads(k[:, :, None], heads))[:, :, 0]  # GQA, as in the teacher
+    return linear_attention_step_(phi_q, phi_k, repeat_heads(v[:, :, None], heads)[:, :, 0], state, attention.eps)
 
 
 def _hybrid_step(
@@ -217,69 +164,19 @@ def _hybrid_step(
     slot: torch.Tensor,
     sink_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hybrid layer, one token: q, q_features [B, H, D]; k, v, k_features [B, G, D].
-
-    The oldest slot's key leaves the window into the linear state, the new key takes its slot.
-    sink_q [B, H, D] scores the sinks instead of q (past the teacher's context), or None.
-    """
-    batch, heads, head_dim = q.shape
-    kv_heads, linear_heads = k.shape[1], ring.kv.shape[1]
-    groups, linear_groups = heads // kv_heads, linear_heads // kv_heads  # linear_groups: 1 or groups
-    sinks = ring.sinks
-    window_slot = slot + sinks if sinks else slot  # the slot in keys / values / valid
-    # 1. Evict: phi(oldest linear key) (x) its value into the linear state (only valid slots).
-    leaving_key = ring.linear_keys.index_select(2, slot)  # [B, G, 1, D]
-    leaving_key = leaving_key.repeat_interleave(linear_groups, 1) if linear_groups > 1 else leaving_key
-    phi_leaving = attention.key_map()(leaving_key.to(k_features.dtype))[:, :, 0].float()  # [B, L, F]
-    phi_leaving = phi_leaving * ring.valid.index_select(1, window_slot)[:, :, None]
-    leaving_value = ring.values.index_select(2, window_slot)[:, :, 0].float()
-    leaving_value = leaving_value.repeat_interleave(linear_groups, 1) if linear_groups > 1 else leaving_value
-    if attention.decay is not None:  # the linear state forgets once per step (ops.windowed)
-        ring.kv.mul_(attention.decay)
-        ring.k_sum.mul_(attention.decay)
-    ring.kv.addcmul_(phi_leaving.unsqueeze(-1), leaving_value.unsqueeze(-2))
-    ring.k_sum.add_(phi_leaving)
-    # 2. The new token takes the slot; while a row has fewer than S sinks, it is a sink instead
-    #    (its window slot stays invalid: counted once, never evicted into the linear state).
-    ring.keys.index_copy_(2, window_slot, k[:, :, None])
-    ring.values.index_copy_(2, window_slot, v[:, :, None])
-    ring.linear_keys.index_copy_(2, slot, k_features[:, :, None])
-    if sinks:
-        sink_valid = ring.valid[:, :sinks]  # a view: written in place
-        filled = sink_valid.sum(1, keepdim=True)  # [B, 1]
-        place = torch.arange(sinks, device=filled.device)[None, :] == filled  # [B, S]; none once full
-        for part, new in ((ring.keys[:, :, :sinks], k), (ring.values[:, :, :sinks], v)):
-            part.copy_(torch.where(place[:, None, :, None], new[:, :, None], part))
-        sink_valid.logical_or_(place)
-        ring.valid.index_copy_(1, window_slot, filled >= sinks)
-    else:
-        ring.valid.index_fill_(1, window_slot, True)
-    # 3. Softmax over the sinks and the window: query heads grouped by their key/value head, no repeat.
-    scale = attention.adapter.softmax_scale(attention.projections)
-    q_grouped = q.float().view(batch, kv_heads, groups, head_dim)
-    valid = ring.valid[:, None, None, :]
-    if sink_q is not None and sinks:  # the sinks scored by sink_q, the window by q
-        sink_q_grouped = sink_q.float().view(batch, kv_heads, groups, head_dim)
-        sink_scores = torch.matmul(sink_q_grouped, ring.keys[:, :, :sinks].float().transpose(-1, -2))
-        window_scores = torch.matmul(q_grouped, ring.keys[:, :, sinks:].float().transpose(-1, -2))
-        scores = torch.cat([sink_scores, window_scores], dim=-1) * scale  # [B, G, groups, S + W]
-    else:
-        scores = torch.matmul(q_grouped, ring.keys.float().transpose(-1, -2)) * scale
-    scores = capped(scores, attention.adapter.softcap(attention.projections))
-    scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
-    weights = (scores - scores.amax(-1, keepdim=True)).exp() * valid
-    window_num = torch.matmul(weights, ring.values.float()).view(batch, heads, head_dim)
-    window_den = weights.sum(-1).view(batch, heads)
-    # 4. Linear part from the state (the evicted key included): query heads grouped by their
-    #    linear head (H / L of them each), no repeat of the state.
-    phi_q = attention.query_features(q_features[:, :, None])[:, :, 0].float()  # [B, H, F]
-    phi_q_grouped = phi_q.view(batch, linear_heads, heads // linear_heads, -1)  # [B, L, H / L, F]
-    linear_num = torch.matmul(phi_q_grouped, ring.kv).view(batch, heads, head_dim)
-    linear_den = (phi_q_grouped * ring.k_sum[:, :, None]).sum(-1).view(batch, heads)
-    share = torch.sigmoid(attention.window_logit.float())[None, :]  # [1, H]
-    numerator = share[..., None] * window_num + (1 - share[..., None]) * linear_num
-    denominator = share * window_den + (1 - share) * linear_den
-    return (numerator / (denominator.unsqueeze(-1) + attention.eps)).to(v.dtype)
+    """Hybrid layer, one token: q, q_features [B, H, D]; k, v, k_features [B, G, D]; the ring
+    written in place (`ops.windowed_ring`). sink_q [B, H, D] scores the sinks instead of q (past
+    the teacher's context), or None."""
+    return windowed_ring_step_(
+        q, k, v, attention.query_features(q_features[:, :, None])[:, :, 0], k_features, ring, slot,
+        feature_map_k=attention.key_map(),
+        window_share=attention.window_share(),
+        scale=attention.adapter.softmax_scale(attention.projections),
+        eps=attention.eps,
+        decay=attention.decay_per_head(),
+        sink_queries=sink_q,
+        softcap=attention.adapter.softcap(attention.projections),
+    )  # fmt: skip
 
 
 @torch.no_grad()

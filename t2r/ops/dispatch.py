@@ -17,8 +17,9 @@ from t2r.ops import FORMS
 from t2r.ops.chunked import chunked_linear_attention
 from t2r.ops.reference import causal_linear_attention, recurrent_linear_attention
 from t2r.ops.state import LinearAttentionState
-from t2r.ops.windowed import recurrent_windowed_attention, windowed_attention
+from t2r.ops.windowed import windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
+from t2r.ops.windowed_step import recurrent_windowed_attention
 
 AttentionOp = Callable[..., tuple[torch.Tensor, LinearAttentionState]]
 

@@ -53,6 +53,35 @@ def causal_linear_attention(
     return out.to(v.dtype), final_state
 
 
+def read_linear_state(phi_q: torch.Tensor, kv: torch.Tensor, k_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token against a linear state: phi_q [B, H, F]; kv [B, L, F, D], k_sum [B, L, F]
+    with L dividing H (query head h reads state head h // (H / L): GQA, without repeating the state).
+
+    Returns the numerator phi(q) . kv [B, H, D] and the normaliser phi(q) . k_sum [B, H], fp32.
+    """
+    batch, heads, features = phi_q.shape
+    linear_heads = kv.shape[1]
+    grouped = phi_q.float().reshape(batch, linear_heads, heads // linear_heads, features)  # [B, L, H / L, F]
+    numerator = torch.matmul(grouped, kv).reshape(batch, heads, -1)
+    denominator = (grouped * k_sum[:, :, None]).sum(-1).reshape(batch, heads)
+    return numerator, denominator
+
+
+def linear_attention_step_(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearAttentionState, eps: float = 1e-6
+) -> torch.Tensor:
+    """One token of the recurrent form, the state updated in place (the decode path's form).
+
+    q, k: [B, H, F]; v: [B, H, D]; state.kv [B, H, F, D] and state.k_sum [B, H, F] fp32, written.
+    Returns out [B, H, D] in v's dtype.
+    """
+    kf = k.float()
+    state.kv.addcmul_(kf.unsqueeze(-1), v.float().unsqueeze(-2))
+    state.k_sum.add_(kf)
+    numerator, denominator = read_linear_state(q, state.kv, state.k_sum)
+    return (numerator / (denominator.unsqueeze(-1) + eps)).to(v.dtype)
+
+
 def linear_attention_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,17 +89,12 @@ def linear_attention_step(
     state: LinearAttentionState,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, LinearAttentionState]:
-    """One token of the recurrent form.
+    """One token of the recurrent form: `linear_attention_step_` on a copy of the state.
 
     q, k: [B, H, F]; v: [B, H, D]. Returns out [B, H, D] in v's dtype and the next state.
     """
-    qf, kf, vf = q.float(), k.float(), v.float()
-    kv = state.kv + kf.unsqueeze(-1) * vf.unsqueeze(-2)  # [B, H, F, D]
-    k_sum = state.k_sum + kf
-    numerator = torch.einsum("bhf,bhfd->bhd", qf, kv)
-    denominator = torch.einsum("bhf,bhf->bh", qf, k_sum)
-    out = numerator / (denominator.unsqueeze(-1) + eps)
-    return out.to(v.dtype), LinearAttentionState(kv, k_sum)
+    next_state = LinearAttentionState(state.kv.clone(), state.k_sum.clone())
+    return linear_attention_step_(q, k, v, next_state, eps), next_state
 
 
 def recurrent_linear_attention(

@@ -175,3 +175,65 @@ class ModelState:
 
     def select(self, index: torch.Tensor) -> ModelState:
         return ModelState(tuple(layer.select(index) for layer in self.layers), self.seen[index])
+
+
+@dataclass
+class RingWindow:
+    """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
+
+    kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
+    [B, G, S + W, D] and valid [B, S + W]: the S sink slots first, then the W window slots, so
+    that one product scores both without a copy; linear_keys [B, G, W, D] (the window slots only).
+    The window slots are a ring: slot `FastState.next_slot` mod W is the oldest, the next to be
+    overwritten (layers may differ in W: a teacher's local layer kept beside converted ones).
+    Mutable: `ops.windowed_ring.windowed_ring_step_` writes it in place.
+    """
+
+    kv: torch.Tensor
+    k_sum: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    linear_keys: torch.Tensor
+    valid: torch.Tensor
+    sinks: int
+
+    @classmethod
+    def from_hybrid(cls, state: HybridAttentionState) -> RingWindow:
+        """A copy of `state` (time-ordered window, oldest first: the ring starts at slot 0)."""
+        return cls(
+            state.linear.kv.clone(),
+            state.linear.k_sum.clone(),
+            torch.cat([state.sink_keys, state.keys], 2),
+            torch.cat([state.sink_values, state.values], 2),
+            state.linear_keys.clone(),
+            torch.cat([state.sink_valid, state.valid], 1),
+            state.sinks,
+        )
+
+    def to_hybrid(self, pointer: int) -> HybridAttentionState:
+        """The same content as a HybridAttentionState: the window rolled back into time order
+        (`pointer`: steps taken since the ring started at slot 0)."""
+
+        def ordered(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+            return torch.roll(x, -pointer, dims=dim)
+
+        sinks = self.sinks
+        return HybridAttentionState(
+            LinearAttentionState(self.kv.clone(), self.k_sum.clone()),
+            ordered(self.keys[:, :, sinks:]),
+            ordered(self.values[:, :, sinks:]),
+            ordered(self.linear_keys),
+            ordered(self.valid[:, sinks:], 1),
+            self.keys[:, :, :sinks].clone(),
+            self.values[:, :, :sinks].clone(),
+            self.valid[:, :sinks].clone(),
+        )
+
+    @property
+    def linear(self) -> LinearAttentionState:
+        """The linear state: views of kv and k_sum (writing one writes the ring)."""
+        return LinearAttentionState(self.kv, self.k_sum)
+
+    def select(self, index: torch.Tensor) -> RingWindow:
+        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid)
+        return RingWindow(*(x[index] for x in tensors), self.sinks)

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 
 import torch
 
-from t2r.ops.reference import no_tokens
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 
 FeatureMapFn = Callable[[torch.Tensor], torch.Tensor]
@@ -271,91 +270,3 @@ def windowed_attention(
         sink_valid=sinks.valid,
     )
     return out.to(v.dtype), final_state
-
-
-def windowed_attention_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    phi_q: torch.Tensor,
-    linear_keys: torch.Tensor,
-    valid: torch.Tensor,
-    state: HybridAttentionState,
-    *,
-    feature_map_k: FeatureMapFn,
-    window_share: torch.Tensor,
-    scale: float,
-    eps: float = 1e-6,
-    decay: torch.Tensor | None = None,
-    sink_queries: torch.Tensor | None = None,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, HybridAttentionState]:
-    """One token: q [B, H, D], k, v, linear_keys [B, G, D], phi_q [B, H, F], valid [B].
-
-    The new token pushes the oldest slot out of the window into the linear state (only that one
-    key goes through the feature map; the state decays once first), then the query reads both.
-    Returns out [B, H, D] and the next state.
-    """
-    heads, linear_heads = q.shape[1], state.linear.kv.shape[1]
-    sinks = take_sinks(state, k[:, :, None], v[:, :, None], valid.bool()[:, None])
-    leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, linear_heads)[:, :, 0]
-    leaving_value = repeat_heads(state.values[:, :, :1], linear_heads)[:, :, 0].float()  # [B, L, D]
-    linear = decayed_final_linear(state.linear, leaving[:, :, None], leaving_value[:, :, None], decay)
-    keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
-    values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
-    window_valid = torch.cat([state.valid[:, 1:], sinks.window_valid], dim=1)  # [B, W]
-    new_linear_keys = linear_keys[:, :, None].to(state.linear_keys.dtype)
-    next_state = HybridAttentionState(
-        linear,
-        keys,
-        values,
-        torch.cat([state.linear_keys[:, :, 1:], new_linear_keys], dim=2),
-        window_valid,
-        sinks.keys,
-        sinks.values,
-        sinks.valid,
-    )
-
-    values_h = repeat_heads(values, heads).float()  # [B, H, W, D]
-    scores = capped(torch.einsum("bhd,bhwd->bhw", q.float(), repeat_heads(keys, heads).float()) * scale, softcap)
-    sink_q = q if sink_queries is None else sink_queries
-    sink_scores = torch.einsum("bhd,bhsd->bhs", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
-    sink_scores = capped(sink_scores, softcap)
-    soft, soft_sink = softmax_with_sinks(scores, window_valid[:, None, :], sink_scores, sinks.valid[:, None, :])
-    sink_values = repeat_heads(sinks.values, heads).float()
-    qf = phi_q.float()
-    out = combine(
-        (torch.einsum("bhw,bhwd->bhd", soft, values_h) + torch.einsum("bhs,bhsd->bhd", soft_sink, sink_values))[
-            :, :, None
-        ],
-        (soft.sum(-1) + soft_sink.sum(-1))[:, :, None],
-        torch.einsum("bhf,bhfd->bhd", qf, repeat_heads(linear.kv, heads))[:, :, None],
-        torch.einsum("bhf,bhf->bh", qf, repeat_heads(linear.k_sum, heads))[:, :, None],
-        window_share,
-        eps,
-    )[:, :, 0]
-    return out.to(v.dtype), next_state
-
-
-def recurrent_windowed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    phi_q: torch.Tensor,
-    linear_keys: torch.Tensor,
-    valid: torch.Tensor,
-    initial_state: HybridAttentionState,
-    sink_queries: torch.Tensor | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, HybridAttentionState]:
-    """The recurrent form over a sequence: `windowed_attention_step` looped over time."""
-    state = initial_state
-    outputs = []
-    for t in range(q.shape[2]):
-        sink_q = None if sink_queries is None else sink_queries[:, :, t]
-        out, state = windowed_attention_step(
-            q[:, :, t], k[:, :, t], v[:, :, t], phi_q[:, :, t], linear_keys[:, :, t], valid[:, t], state,
-            sink_queries=sink_q, **kwargs,
-        )  # fmt: skip
-        outputs.append(out)
-    return (torch.stack(outputs, dim=2) if outputs else no_tokens(q, v)), state
