@@ -209,6 +209,8 @@ def post(served: Served, path: str, body: object, **headers: str) -> httpx2.Resp
         ({"model": NAME, "prompt": [[]]}, 400, "empty"),
         ({"model": NAME, "prompt": [99999]}, 400, "token ids"),
         ({"model": NAME, "prompt": "x", "temperature": 7}, 400, "temperature"),
+        ({"model": NAME, "prompt": "x", "seed": 2**80}, 400, "seed"),  # was a 500 with Python's overflow text
+        ({"model": NAME, "prompt": "x", "seed": -1}, 400, "seed"),
         ({"model": NAME, "prompt": "x" * 3_000_000}, 413, "larger"),
     ],
 )
@@ -217,6 +219,16 @@ def test_bad_completions_get_openai_errors(served: Served, body: object, status:
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error["message"] and error["type"]
+
+
+def test_paths_a_client_makes_up_do_not_grow_the_metrics(served: Served) -> None:
+    before = httpx2.get(f"{served.url}/metrics").text.count("\n")
+    for index in range(30):
+        assert httpx2.get(f"{served.url}/made-up-{index}").status_code == 404
+        assert post(served, f"made-up-{index}", {"model": NAME}).status_code == 404
+    text = httpx2.get(f"{served.url}/metrics").text
+    assert "made-up" not in text and 'endpoint="other"' in text
+    assert text.count("\n") <= before + 8  # at most a few new (label, status) series, not one per path
 
 
 def test_bad_chats_get_openai_errors(served: Served) -> None:

@@ -72,9 +72,14 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
     async def crashed(request: Request, error: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {error}", "server_error"), status_code=500)
 
+    routes: set[str] = set()  # the app's own paths, filled below: metrics label these, never a client's raw path
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:
         path = request.url.path
+        if not routes:
+            routes.update(getattr(route, "path", "") for route in app.routes)
+        label = path if path in routes else "other"  # bounded: a label per route, not per path a client makes up
         if path.startswith("/v1/"):
             if settings.api_key is not None:
                 header = request.headers.get("authorization", "")
@@ -82,14 +87,14 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                     response: Response = JSONResponse(
                         error_body("missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error",
                                    code="invalid_api_key"), status_code=401)  # fmt: skip
-                    metrics.requests.labels(path, "401").inc()
+                    metrics.requests.labels(label, "401").inc()
                     return response
             if app.state.draining and request.method == "POST":
-                metrics.requests.labels(path, "503").inc()
+                metrics.requests.labels(label, "503").inc()
                 return JSONResponse(error_body("the server is shutting down", "server_error"), status_code=503)
         response = await call_next(request)
         if path != "/metrics":
-            metrics.requests.labels(path, str(response.status_code)).inc()
+            metrics.requests.labels(label, str(response.status_code)).inc()
         return response
 
     @app.get("/health")

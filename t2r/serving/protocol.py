@@ -40,7 +40,8 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    # A torch generator takes seeds below 2**64; choice i of a request draws with seed + i.
+    seed: int | None = Field(None, ge=0, le=2**62)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
