@@ -10,6 +10,7 @@ no module holds any.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 
 from t2r.modeling.adapters.base import Adapter, HeadShape
 from t2r.modeling.feature_maps import FeatureMap, map_query_heads
+from t2r.modeling.window_keys import WindowKeys
 from t2r.ops.dispatch import attention_op
-from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState
+from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, RingWindow
 from t2r.ops.windowed import capped, repeat_heads
 
 
@@ -126,8 +128,39 @@ class LinearAttention(nn.Module):
             dtype,
             device,
             self.sinks,
-            linear_key_dim=shape.head_dim if self.feature_dim else 0,
+            linear_key_dim=0,  # the linear part's keys come from the window's (`window_linear_keys`)
         )
+
+    def window_linear_keys(
+        self, state: HybridAttentionState, window_keys: WindowKeys | None
+    ) -> HybridAttentionState:
+        """`state` with its window's keys as the key feature map sees them, for the ops (which take
+        a key's pre-rotary form from `linear_keys` when it leaves the window). A state keeps none
+        (`init_state`): with rotary features they are the window's keys, else those turned back by
+        their positions (`t2r.modeling.window_keys`). window_keys None: a fresh state (no valid
+        slot, as in attention transfer), whose keys are never read. A state that holds them (a
+        session saved before they were dropped) is used as it is."""
+        if state.linear_keys.shape[-1] or not self.feature_dim:
+            return state
+        if self.rotary_features:
+            linear_keys = state.keys
+        elif window_keys is None:
+            linear_keys = torch.zeros_like(state.keys)
+        else:
+            linear_keys = window_keys.window(state.keys, state.valid, self.projections).to(state.keys.dtype)
+        return dataclasses.replace(state, linear_keys=linear_keys)
+
+    def leaving_linear_key(
+        self, ring: RingWindow, slot: torch.Tensor, window_keys: WindowKeys
+    ) -> torch.Tensor | None:
+        """The decode ring's oldest window key (slot [1]) as the key feature map sees it [B, G, D],
+        as `window_linear_keys` makes them; None when the ring keeps its own linear keys."""
+        if ring.linear_keys.shape[-1] or not self.feature_dim:
+            return None
+        key = ring.keys.index_select(2, slot + ring.sinks)  # [B, G, 1, D]
+        if not self.rotary_features:
+            key = window_keys.oldest(key, ring.valid[:, ring.sinks :], self.projections)
+        return key[:, :, 0]
 
     def forward(
         self,
@@ -137,11 +170,13 @@ class LinearAttention(nn.Module):
         state: LinearAttentionState | HybridAttentionState,
         form: str,
         sink_rotary: Any = None,
+        window_keys: WindowKeys | None = None,
     ) -> tuple[torch.Tensor, LinearAttentionState | HybridAttentionState]:
         """hidden [B, T, E], mask [B, T] (1 = real token, 0 = padding) -> out [B, T, E], next state.
 
         sink_rotary: rotary data for the queries that score the sinks (`T2RForCausalLM.sink_rotary`),
-        None for the tokens' own.
+        None for the tokens' own. window_keys: how this forward turns the state's window keys back
+        before positions (`window_linear_keys`); None only for a fresh state.
         """
         q_raw, k_raw, v = self.adapter.project_heads(self.projections, hidden)
         q, k = self.adapter.apply_rotary(q_raw, k_raw, rotary, self.projections)
@@ -155,9 +190,10 @@ class LinearAttention(nn.Module):
             op = attention_op(form, self.chunk_size, compiled=self.compiled)
             out, next_state = op(phi_q, phi_k, v, initial_state=state, eps=self.eps)  # [B, H, T, D]
         else:
+            stores_linear_keys = bool(state.linear_keys.shape[-1])
             op = attention_op(form, self.chunk_size, hybrid=True, compiled=self.compiled)
             out, next_state = op(
-                q, k, v, phi_q, k_features, mask.bool(), state,
+                q, k, v, phi_q, k_features, mask.bool(), self.window_linear_keys(state, window_keys),
                 feature_map_k=self.key_map(),
                 window_share=self.window_share(),
                 scale=self.adapter.softmax_scale(self.projections),
@@ -166,6 +202,8 @@ class LinearAttention(nn.Module):
                 sink_queries=self.sink_queries(q_raw, k_raw, sink_rotary),
                 softcap=self.adapter.softcap(self.projections),
             )  # fmt: skip
+            if not stores_linear_keys:  # the next state keeps only the rotated keys, as it came
+                next_state = dataclasses.replace(next_state, linear_keys=next_state.linear_keys[..., :0])
         out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
         return self.adapter.output(self.projections, out), next_state
 
@@ -201,10 +239,11 @@ class SoftmaxAttention(nn.Module):
         state: KVCacheState,
         form: str,
         sink_rotary: Any = None,
+        window_keys: WindowKeys | None = None,
     ) -> tuple[torch.Tensor, KVCacheState]:
         """hidden [B, T, E], mask [B, T] -> out [B, T, E], the cache with these T tokens appended.
 
-        sink_rotary is unused: the teacher's own attention has no sinks to cap.
+        sink_rotary and window_keys are unused: the teacher's own attention has neither sinks nor a window.
 
         Every form is the same computation here: the cache makes one token as cheap as it gets.
         """

@@ -24,6 +24,7 @@ import torch
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.model import T2RForCausalLM
 from t2r.modeling.step_artifacts import load_or_compile
+from t2r.modeling.window_keys import WindowKeys
 from t2r.ops.denormals import flush_denormals
 from t2r.ops.reference import linear_attention_step_
 from t2r.ops.state import HybridAttentionState, KVCacheState, LinearAttentionState, ModelState, RingWindow
@@ -163,10 +164,12 @@ def _hybrid_step(
     ring: RingWindow,
     slot: torch.Tensor,
     sink_q: torch.Tensor | None = None,
+    leaving_linear_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hybrid layer, one token: q, q_features [B, H, D]; k, v, k_features [B, G, D]; the ring
     written in place (`ops.windowed_ring`). sink_q [B, H, D] scores the sinks instead of q (past
-    the teacher's context), or None."""
+    the teacher's context), or None; leaving_linear_key [B, G, D]: the oldest slot's key for the
+    linear part (`LinearAttention.leaving_linear_key`)."""
     return windowed_ring_step_(
         q, k, v, attention.query_features(q_features[:, :, None])[:, :, 0], k_features, ring, slot,
         feature_map_k=attention.key_map(),
@@ -176,6 +179,7 @@ def _hybrid_step(
         decay=attention.decay_per_head(),
         sink_queries=sink_q,
         softcap=attention.adapter.softcap(attention.projections),
+        leaving_linear_key=leaving_linear_key,
     )  # fmt: skip
 
 
@@ -193,6 +197,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
     hidden = adapter.embed(model.base, input_ids[:, None], positions)  # [B, 1, E]
     rotary = adapter.rotary(model.base, hidden, positions)
     sink_rotary = model.capped_rotary(hidden, positions)
+    window_keys = WindowKeys(adapter, model.base, state.seen)
     mask = torch.ones_like(positions)
     rings = False
     for index, layer in enumerate(adapter.layers(model.base)):
@@ -212,6 +217,7 @@ def fast_step(model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) 
                 heads_out = _hybrid_step(
                     attention, q[:, :, 0], k[:, :, 0], v[:, :, 0], q_features[:, :, 0], k_features[:, :, 0],
                     layer_state, slot, None if sink_q is None else sink_q[:, :, 0],
+                    attention.leaving_linear_key(layer_state, slot, window_keys),
                 )  # fmt: skip
             else:
                 heads_out = _linear_step(attention, q_features[:, :, 0], k_features[:, :, 0], v[:, :, 0], layer_state)

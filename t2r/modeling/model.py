@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.config import T2RConfig
+from t2r.modeling.window_keys import WindowKeys
 from t2r.ops.state import ModelState
 
 
@@ -112,6 +113,7 @@ class T2RForCausalLM(nn.Module):
         hidden = self.adapter.embed(self.base, input_ids, positions)
         rotary = self.adapter.rotary(self.base, hidden, positions)
         sink_rotary = self.sink_rotary(hidden, positions)
+        window_keys = WindowKeys(self.adapter, self.base, state.seen)
         layers = self.adapter.layers(self.base)
         next_layers: list[Any] = [None] * len(layers)
         recompute = checkpoint_layers and torch.is_grad_enabled()
@@ -119,7 +121,7 @@ class T2RForCausalLM(nn.Module):
             attention = self.adapter.attention(layer)
 
             def attend(x: torch.Tensor, attention=attention, layer_state=layer_state, index=index) -> torch.Tensor:
-                out, next_state = attention(x, rotary, mask, layer_state, form, sink_rotary)
+                out, next_state = attention(x, rotary, mask, layer_state, form, sink_rotary, window_keys)
                 next_layers[index] = next_state  # set again (same values) when backward recomputes the block
                 return out
 

@@ -33,6 +33,7 @@ def windowed_ring_step_(
     decay: torch.Tensor | None = None,
     sink_queries: torch.Tensor | None = None,
     softcap: float | None = None,
+    leaving_linear_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token for every row: q, phi_q [B, H, D | F]; k, v, linear_keys [B, G, D]; `ring` is
     written in place; slot [1] long: its oldest window slot (the ring pointer mod its window).
@@ -40,21 +41,25 @@ def windowed_ring_step_(
     The oldest slot's key leaves the window into the linear state, the new token takes its slot
     (while a row has fewer than S sinks, the token is a sink instead: its window slot stays invalid,
     counted once, never evicted), then the query reads sinks, window and linear state. Keyword
-    arguments as in `ops.windowed`. Returns out [B, H, D] in v's dtype.
+    arguments as in `ops.windowed`. A ring that keeps no linear keys (`ring.linear_keys` [B, G, W, 0])
+    is given the oldest slot's as `leaving_linear_key` [B, G, D] (its window key before positions,
+    `t2r.modeling.window_keys`). Returns out [B, H, D] in v's dtype.
     """
     sinks, linear_heads = ring.sinks, ring.kv.shape[1]
     window_slot = slot + sinks if sinks else slot  # the slot in keys / values / valid
     # 1. Evict: phi(oldest linear key) (x) its value into the linear state (zero for an invalid slot).
-    leaving = key_features(
-        ring.linear_keys.index_select(2, slot).to(linear_keys.dtype), ring.valid.index_select(1, window_slot),
-        feature_map_k, linear_heads,
-    )[:, :, 0]  # fmt: skip
+    if leaving_linear_key is None:
+        leaving_key = ring.linear_keys.index_select(2, slot).to(linear_keys.dtype)  # [B, G, 1, D]
+    else:
+        leaving_key = leaving_linear_key[:, :, None].to(linear_keys.dtype)
+    leaving = key_features(leaving_key, ring.valid.index_select(1, window_slot), feature_map_k, linear_heads)[:, :, 0]
     leaving_value = repeat_heads(ring.values.index_select(2, window_slot), linear_heads)[:, :, 0].float()
     evict_into_linear_(ring.linear, leaving, leaving_value, decay)
     # 2. The new token takes the slot, or a sink slot while a row has fewer than S sinks.
     ring.keys.index_copy_(2, window_slot, k[:, :, None])
     ring.values.index_copy_(2, window_slot, v[:, :, None])
-    ring.linear_keys.index_copy_(2, slot, linear_keys[:, :, None])
+    if ring.linear_keys.shape[-1]:  # a ring that keeps its linear keys (else they come from `keys`)
+        ring.linear_keys.index_copy_(2, slot, linear_keys[:, :, None])
     if sinks:
         sink_valid = ring.valid[:, :sinks]  # a view: written in place
         filled = sink_valid.sum(1, keepdim=True)  # [B, 1]
