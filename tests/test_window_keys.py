@@ -88,8 +88,6 @@ def test_a_state_without_a_copy_of_its_keys_decodes_as_one_with_it(family: str) 
     assert (runs[False][1] - runs[True][1]).abs().max() <= TOLERANCE
     assert (runs[False][2] - runs[True][1]).abs().max() <= TOLERANCE
     without, with_copy = runs[False][3], runs[True][3]
-    copy_bytes = sum(
-        layer.linear_keys.nbytes for layer in with_copy.layers if isinstance(layer, HybridAttentionState)
-    )
+    copy_bytes = sum(layer.linear_keys.nbytes for layer in with_copy.layers if isinstance(layer, HybridAttentionState))
     assert copy_bytes > 0
     assert without.nbytes() == with_copy.nbytes() - copy_bytes

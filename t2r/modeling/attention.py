@@ -131,9 +131,7 @@ class LinearAttention(nn.Module):
             linear_key_dim=0,  # the linear part's keys come from the window's (`window_linear_keys`)
         )
 
-    def window_linear_keys(
-        self, state: HybridAttentionState, window_keys: WindowKeys | None
-    ) -> HybridAttentionState:
+    def window_linear_keys(self, state: HybridAttentionState, window_keys: WindowKeys | None) -> HybridAttentionState:
         """`state` with its window's keys as the key feature map sees them, for the ops (which take
         a key's pre-rotary form from `linear_keys` when it leaves the window). A state keeps none
         (`init_state`): with rotary features they are the window's keys, else those turned back by
@@ -150,9 +148,7 @@ class LinearAttention(nn.Module):
             linear_keys = window_keys.window(state.keys, state.valid, self.projections).to(state.keys.dtype)
         return dataclasses.replace(state, linear_keys=linear_keys)
 
-    def leaving_linear_key(
-        self, ring: RingWindow, slot: torch.Tensor, window_keys: WindowKeys
-    ) -> torch.Tensor | None:
+    def leaving_linear_key(self, ring: RingWindow, slot: torch.Tensor, window_keys: WindowKeys) -> torch.Tensor | None:
         """The decode ring's oldest window key (slot [1]) as the key feature map sees it [B, G, D],
         as `window_linear_keys` makes them; None when the ring keeps its own linear keys."""
         if ring.linear_keys.shape[-1] or not self.feature_dim:
