@@ -1,11 +1,11 @@
 """Ship a trained converted model as a delta from its teacher: t2r/ready/ALIAS.{safetensors,json}.
 
-    python scripts/make_ready_model.py --model runs/recipe-hybrid-kv/train/model --recipe hybrid-kv
+    python scripts/make_ready_model.py --model runs/recipe-window-heavy/train/model --recipe window-heavy
 
 The model must come from `scripts/recipe.py --recipe NAME` (its run folder's manifest.json and
 summary.json are read for the record). The delta (`t2r.modeling.delta`) is what training changed
 from the untrained conversion of the teacher: feature maps, window shares, and each LoRA-adapted
-projection as two rank-r factors. It is applied back here and the largest difference from the
+projection (a recipe with LoRA) as two rank-r factors. It is applied back here and the largest difference from the
 model's weights recorded; the JSON keeps the teacher, the conversion settings, the recipe, the
 SHA-256 of the delta file and of the model it came from. `t2r generate ALIAS` and
 `hub.ready_model_folder(ALIAS)` make the model from these two files on first use.
@@ -60,6 +60,7 @@ def main() -> None:
         "sha256": sha256(weights),
         "recipe": f"python scripts/recipe.py --recipe {args.recipe}",
         "source_model_sha256": sha256(args.model / "model.safetensors"),
+        "source_folder": str(args.model.resolve().relative_to(ROOT)),
         "max_abs_error": error,
         "tensors": {"whole": sum(1 for k in delta if not k.endswith((".delta_left", ".delta_right"))),
                     "factored": sum(1 for k in delta if k.endswith(".delta_left"))},

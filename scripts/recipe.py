@@ -57,6 +57,16 @@ def kv_hybrid_flags(transfer: int, finetune: int, *extra: str) -> list[str]:
             "--keep", "5"]  # fmt: skip
 
 
+def window_heavy(window: int, feature_dim: int, transfer: int, finetune: int) -> list[str]:
+    """Issue 31's hybrid: most bytes in exact window slots, a small linear state (one per key/value
+    head) for what leaves them, and no LoRA: the teacher's projections untouched, so that while a
+    context fits in the window the model *is* the teacher (only the feature maps and each head's
+    share train; distillation at lr 1e-3, which LoRA could not take)."""
+    return ["--window", str(window), "--half-life", "512", "--sinks", "4", "--linear-heads", "kv",
+            "--feature-dim", str(feature_dim), "--lora-rank", "0", "--transfer-steps", str(transfer),
+            "--finetune-steps", str(finetune), "--lr-finetune", "1e-3", "--keep", "3"]  # fmt: skip
+
+
 RECIPES = {
     # Issue 3's recipe: pure linear attention, 350 transfer + 70 distillation steps.
     "linear": {
@@ -118,6 +128,17 @@ RECIPES = {
         "label": "window 64 + linear per kv head, Hedgehog 2 x 32",
         "section": ("recipe-hybrid-kv", "Hybrid recipe with a linear state per key/value head"),
         "json": "recipe_hybrid_kv.json",
+    },
+    # Issue 31: the shipped model. 4 sinks + 112 exact slots + a linear state of 2 x 16 Hedgehog
+    # features per kv head (the bytes of 16 slots): 6.1 MB, the bytes of the 128-slot window it is
+    # measured against (scripts/frontier.py, row w112-f32). 200 + 60 steps: ~32 minutes here.
+    "window-heavy": {
+        "flags": window_heavy(112, 16, 200, 60),
+        "books": ["pg1342.txt"],
+        "shakespeare": False,
+        "label": "window 112 + linear per kv head (Hedgehog 2 x 16), no LoRA",
+        "section": ("recipe-window-heavy", "Window-heavy recipe: 112 exact slots + a small linear state"),
+        "json": "recipe_window_heavy.json",
     },
     # Issue 17: the two more real teachers (extras `.[gemma3]`, `.[qwen-coder]`), each with the
     # hybrid-kv recipe, its step counts scaled so that the whole `t2r train` takes about the hour

@@ -73,7 +73,9 @@ def test_the_shipped_ready_model_is_intact() -> None:
         assert hashlib.sha256(weights.read_bytes()).hexdigest() == record["sha256"]
         assert weights.stat().st_size < 30 * 2**20 and record["max_abs_error"] < 1e-6
         delta = safetensors.torch.load_file(str(weights))
-        assert record["tensors"]["factored"] == sum(name.endswith(LEFT) for name in delta) > 0
+        # factored: the LoRA-adapted projections (none for a recipe without LoRA)
+        assert record["tensors"]["factored"] == sum(name.endswith(LEFT) for name in delta)
+        assert record["tensors"]["whole"] == len(delta) - 2 * record["tensors"]["factored"] > 0
         T2RConfig.from_dict(record["t2r_config"])  # settings this t2r reads
 
 
@@ -88,7 +90,7 @@ def test_the_ready_model_is_the_recipes_model(tmp_path: Path, monkeypatch: pytes
     record = json.loads((ROOT / "t2r" / "ready" / "t2r-smollm2-135m.json").read_text())
     folder = ready_model_folder("t2r-smollm2-135m")
     assert main(["generate", "t2r-smollm2-135m", "--prompt", "The history of", "--max-new-tokens", "8"]) == 0
-    source = ROOT / "runs" / "recipe-hybrid-kv" / "train" / "model"
+    source = ROOT / record["source_folder"]
     if not source.is_dir():
         pytest.skip("the recipe's run is not on this machine")
     assert hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest() == record["source_model_sha256"]
