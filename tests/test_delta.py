@@ -97,3 +97,29 @@ def test_the_ready_model_is_the_recipes_model(tmp_path: Path, monkeypatch: pytes
     made, _ = load_converted(folder)
     recipe, _ = load_converted(source)
     assert reconstruction_error(made, recipe.state_dict()) <= record["max_abs_error"] + 1e-9 < 1e-6
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_the_ready_model_is_the_teacher_while_a_context_fits_its_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped model trains no LoRA (README: "within its slots it *is* the teacher"): while a
+    context fits in its sinks and window the linear state is empty and every layer is the teacher's
+    softmax; past the window it is not."""
+    from t2r.hub import load_converted, load_teacher, ready_model_folder
+
+    monkeypatch.setenv("T2R_CACHE_DIR", str(tmp_path))
+    record = json.loads((ROOT / "t2r" / "ready" / "t2r-smollm2-135m.json").read_text())
+    assert record["training"]["settings"]["lora_rank"] == 0 and not record["training"]["settings"]["full"]
+    model, tokenizer = load_converted(ready_model_folder("t2r-smollm2-135m"))
+    teacher, _ = load_teacher(record["teacher"])
+    text = " ".join(["The river ran past the old mill, and the miller's daughter watched the boats go by."] * 30)
+    ids = torch.tensor([tokenizer(text).input_ids])
+    fits = model.config.sinks + model.config.window
+    assert ids.shape[1] > fits + 50
+    converted_logits, teacher_logits = model(ids)[0][0], teacher(ids).logits[0].float()
+    # The same products in another order (the window's softmax, fp32): logits of ~10-30 agree to
+    # ~1e-5 per layer; 1e-3 absolute leaves room for 30 layers and another machine's kernels.
+    assert (converted_logits[:fits] - teacher_logits[:fits]).abs().max() <= 1e-3
+    assert (converted_logits[fits:] - teacher_logits[fits:]).abs().max() > 1e-2  # the linear part is at work
