@@ -12,7 +12,7 @@ linear part sees the rotated keys themselves and nothing is turned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class WindowKeys:
     adapter: Adapter
     base: nn.Module
     seen: torch.Tensor
+    _oldest_turns: dict[int, Any] = field(default_factory=dict)  # window size -> inverse turn (`oldest`)
 
     def rotary_at(self, positions: torch.Tensor) -> Any:
         # The rotary module reads only the dtype and device of its first argument: fp32, so that
@@ -79,6 +80,13 @@ class WindowKeys:
     def oldest(self, key: torch.Tensor, valid: torch.Tensor, attention: nn.Module) -> torch.Tensor:
         """The oldest slot's key [B, G, 1, D] of a ring whose window slots (any order) have valid
         [B, W] -> before positions, fp32. Every valid slot is newer than the oldest, so the oldest
-        (when valid) sits at `seen - valid slots`."""
-        positions = (self.seen - valid.sum(1)).clamp_min(0)[:, None]
-        return self.unrotate(key, positions, attention)
+        (when valid) sits at `seen - valid slots`.
+
+        The rings of layers with the same window fill and empty alike (the same tokens, the same
+        pads), so their oldest slots share a position: its inverse turn is made once per window
+        size and step (`_oldest_turns`), not once per layer."""
+        window = valid.shape[1]
+        if window not in self._oldest_turns:
+            positions = (self.seen - valid.sum(1)).clamp_min(0)[:, None]
+            self._oldest_turns[window] = inverse_rotary(self.rotary_at(positions))
+        return self.adapter.apply_rotary(key.float(), key.float(), self._oldest_turns[window], attention)[1]
