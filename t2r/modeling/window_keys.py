@@ -69,8 +69,11 @@ class WindowKeys:
     def unrotate(self, keys: torch.Tensor, positions: torch.Tensor, attention: nn.Module) -> torch.Tensor:
         """keys [B, G, S, D] rotated at positions [B, S] -> the same keys before positions, fp32.
         `attention`: the teacher's module of the layer (its layer type, or no positions at all)."""
+        return self.turned(keys, inverse_rotary(self.rotary_at(positions)), attention)
+
+    def turned(self, keys: torch.Tensor, rotary: Any, attention: nn.Module) -> torch.Tensor:
+        """keys [B, G, S, D] turned by `rotary` (the layer's rule: type, partial rotary, none), fp32."""
         keys = keys.float()
-        rotary = inverse_rotary(self.rotary_at(positions))
         return self.adapter.apply_rotary(keys, keys, rotary, attention)[1]
 
     def window(self, keys: torch.Tensor, valid: torch.Tensor, attention: nn.Module) -> torch.Tensor:
@@ -89,4 +92,4 @@ class WindowKeys:
         if window not in self._oldest_turns:
             positions = (self.seen - valid.sum(1)).clamp_min(0)[:, None]
             self._oldest_turns[window] = inverse_rotary(self.rotary_at(positions))
-        return self.adapter.apply_rotary(key.float(), key.float(), self._oldest_turns[window], attention)[1]
+        return self.turned(key, self._oldest_turns[window], attention)
