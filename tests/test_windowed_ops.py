@@ -67,9 +67,11 @@ def make_case(length: int, window: int, seed: int = 0, sinks: int = 0, linear_he
 def initial_state(leaves, valids) -> HybridAttentionState:
     kv, k_sum, keys, values, linear_keys, sink_keys, sink_values = leaves[5:12]
     window_valid, sink_valid = valids
+    no_cache = keys[:, :, :0].detach()  # no global cache (tests/test_global_cache.py has them)
     return HybridAttentionState(
-        LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid, sink_keys, sink_values, sink_valid
-    )
+        LinearAttentionState(kv, k_sum), keys, values, linear_keys, window_valid, sink_keys, sink_values, sink_valid,
+        no_cache, no_cache, no_cache, window_valid[:, :0],
+    )  # fmt: skip
 
 
 def run(op, case, decay: torch.Tensor | None = None):

@@ -19,7 +19,7 @@ import torch
 from t2r.modeling.fast_decode import FastState
 from t2r.ops.state import LinearAttentionState, RingWindow
 
-_RING_TENSORS = ("kv", "k_sum", "keys", "values", "linear_keys", "valid")
+_RING_TENSORS = ("kv", "k_sum", "keys", "values", "linear_keys", "valid", "global_linear_keys")
 
 
 class StateSlots:
@@ -70,12 +70,12 @@ class StateSlots:
         for mine, theirs in zip(self.layers, row.layers, strict=True):
             if isinstance(mine, RingWindow):
                 assert isinstance(theirs, RingWindow)
-                sinks = theirs.sinks
+                fixed = theirs.fixed_slots
                 for name in _RING_TENSORS:
                     source = getattr(theirs, name)[0]
                     if name in ("keys", "values", "linear_keys", "valid"):
-                        # the window slots (after the sinks, where there are any) follow the ring
-                        dim, start = (0, sinks) if name == "valid" else (1, sinks if name != "linear_keys" else 0)
+                        # the window slots (after the sinks and the global cache, if any) follow the ring
+                        dim, start = (0, fixed) if name == "valid" else (1, fixed if name != "linear_keys" else 0)
                         window = source.narrow(dim, start, source.shape[dim] - start)
                         source = torch.cat([source.narrow(dim, 0, start), torch.roll(window, shift, dim)], dim)
                     getattr(mine, name)[slot].copy_(source)

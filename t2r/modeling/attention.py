@@ -40,6 +40,8 @@ class LinearAttention(nn.Module):
     window_logit [H]: sigmoid of it is each head's share of the softmax part (window > 0 only).
     decay: the linear part's per-token forgetting factor in (0, 1) (window > 0 only), or None.
     sinks: the first `sinks` tokens stay in the softmax part for good (window > 0 only).
+    global_cache: N slots per key/value head of a sparse global cache (`ops.global_cache`; window
+        and a linear part only): a setting of inference (`T2RForCausalLM.with_global_cache`).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LinearAttention(nn.Module):
         chunk_size: int = 64,
         decay: float | None = None,
         sinks: int = 0,
+        global_cache: int = 0,
     ) -> None:
         super().__init__()
         self.projections = projections
@@ -68,6 +71,7 @@ class LinearAttention(nn.Module):
         self.chunk_size = chunk_size
         self.decay = decay
         self.sinks = sinks
+        self.global_cache = global_cache
         self.compiled = False  # the chunked form through torch.compile (a setting of the process, not saved)
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
@@ -129,6 +133,7 @@ class LinearAttention(nn.Module):
             device,
             self.sinks,
             linear_key_dim=0,  # the linear part's keys come from the window's (`window_linear_keys`)
+            global_slots=self.global_cache if self.feature_dim else 0,
         )
 
     def window_linear_keys(self, state: HybridAttentionState, window_keys: WindowKeys | None) -> HybridAttentionState:
@@ -153,9 +158,9 @@ class LinearAttention(nn.Module):
         as `window_linear_keys` makes them; None when the ring keeps its own linear keys."""
         if ring.linear_keys.shape[-1] or not self.feature_dim:
             return None
-        key = ring.keys.index_select(2, slot + ring.sinks)  # [B, G, 1, D]
+        key = ring.keys.index_select(2, slot + ring.fixed_slots)  # [B, G, 1, D]
         if not self.rotary_features:
-            key = window_keys.oldest(key, ring.valid[:, ring.sinks :], self.projections)
+            key = window_keys.oldest(key, ring.valid[:, ring.fixed_slots :], self.projections)
         return key[:, :, 0]
 
     def forward(

@@ -56,6 +56,11 @@ class T2RConfig:
         Mistral's `sliding_window`) stays its exact softmax over that window, its keys and values in
         a ring buffer of the window's size (constant memory, nothing to train); only the layers
         that see every token are converted. False converts every layer.
+    global_cache: N slots per layer and key/value head of a sparse global cache (LoLA,
+        `ops.global_cache`): of the keys that leave the window, the N the linear state recalls worst
+        stay in the softmax part (N keys and values, and the keys as the feature map sees them,
+        per head: constant memory). Needs a window and a linear part; training-free: a setting of
+        inference, it can be given to a trained model at load time (0: none).
     """
 
     feature_map: str = "t2r"
@@ -72,6 +77,7 @@ class T2RConfig:
     sinks: int | None = None
     linear_heads: str = "query"
     keep_local: bool = False
+    global_cache: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
@@ -98,6 +104,10 @@ class T2RConfig:
             raise UsageError(f"unknown linear heads {self.linear_heads!r}; choose one of {', '.join(LINEAR_HEADS)}")
         if self.linear_heads == "kv" and not self.window:
             raise UsageError("--linear-heads kv needs a window (--window > 0)")
+        if self.global_cache < 0:
+            raise UsageError(f"global cache must be >= 0 slots, got {self.global_cache}")
+        if self.global_cache and (not self.window or self.feature_map == "none"):
+            raise UsageError("--global-cache needs a window and a linear part (to hold what it recalls worst)")
         if any(index < 0 for index in self.softmax_layers):
             raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:

@@ -63,6 +63,7 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
             chunk_size=config.chunk_size,
             decay=config.decay(),
             sinks=config.sinks,
+            global_cache=config.global_cache,
         )
         adapter.set_attention(layer, attention.to(device=parameter.device))
     return T2RForCausalLM(teacher, adapter, config).eval()

@@ -111,8 +111,9 @@ class FastState:
 
 
 def _ring_rolled(layer: RingWindow, shift: int) -> tuple[torch.Tensor, ...]:
-    """A RingWindow's tensors with its W window slots rolled by `shift` (its sink slots stay)."""
-    sinks = layer.sinks
+    """A RingWindow's tensors with its W window slots rolled by `shift` (its sink and global cache
+    slots stay)."""
+    fixed = layer.fixed_slots
 
     def rolled(x: torch.Tensor, dim: int, start: int) -> torch.Tensor:
         head, window = x.narrow(dim, 0, start), x.narrow(dim, start, x.shape[dim] - start)
@@ -121,10 +122,11 @@ def _ring_rolled(layer: RingWindow, shift: int) -> tuple[torch.Tensor, ...]:
     return (
         layer.kv,
         layer.k_sum,
-        rolled(layer.keys, 2, sinks),
-        rolled(layer.values, 2, sinks),
+        rolled(layer.keys, 2, fixed),
+        rolled(layer.values, 2, fixed),
         rolled(layer.linear_keys, 2, 0),
-        rolled(layer.valid, 1, sinks),
+        rolled(layer.valid, 1, fixed),
+        layer.global_linear_keys,
     )
 
 

@@ -6,6 +6,7 @@ recurrent state explicitly. All other modules are the teacher's own: embeddings,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -30,6 +31,16 @@ class T2RForCausalLM(nn.Module):
         self.base = base
         self.adapter = adapter
         self.config = config
+
+    def with_global_cache(self, slots: int) -> T2RForCausalLM:
+        """This model with a sparse global cache of `slots` per layer and key/value head
+        (`ops.global_cache`; 0: none), in place: the cache is training-free, a setting of inference.
+        Layers with no linear part (a teacher's local layer kept) take none."""
+        self.config = dataclasses.replace(self.config, global_cache=slots)  # checked there
+        for attention in self.attentions:
+            if isinstance(attention, LinearAttention):
+                attention.global_cache = slots
+        return self
 
     @property
     def attentions(self) -> list[LinearAttention | SoftmaxAttention]:

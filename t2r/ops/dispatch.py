@@ -2,7 +2,8 @@
 
 `parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
 the single-token step; `hybrid` picks the window + linear op of `ops.windowed` (its own signature)
-instead of pure linear attention.
+instead of pure linear attention. A hybrid state with a global cache goes through the recurrent
+form whatever the form asked (`ops.global_cache`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False, compiled
     if form not in _OPS_BY_FORM:
         raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
     op = _OPS_BY_FORM[form][hybrid]
-    if form != "chunked":
-        return op
-    return functools.partial(_compiled(op) if compiled else op, chunk_size=chunk_size)
+    if form == "chunked":
+        op = functools.partial(_compiled(op) if compiled else op, chunk_size=chunk_size)
+    return functools.partial(_token_by_token_with_a_global_cache, op) if hybrid and form != "recurrent" else op
+
+
+def _token_by_token_with_a_global_cache(op: AttentionOp, *args, **kwargs) -> tuple:
+    """A hybrid op, or the recurrent form for a state with a global cache: which keys stay cached
+    depends on every earlier choice (`ops.global_cache`), so such a state goes token by token."""
+    initial_state = args[6] if len(args) > 6 else kwargs["initial_state"]
+    if initial_state.global_slots:
+        return recurrent_windowed_attention(*args, **kwargs)
+    return op(*args, **kwargs)
 
 
 @functools.cache

@@ -56,6 +56,9 @@ class HybridAttentionState:
     sink_keys:   [B, G, S, D] the first S real tokens' keys (attention sinks, kept for good)
     sink_values: [B, G, S, D]
     sink_valid:  [B, S] bool, True once the slot holds a token (slots fill in order)
+    global_keys, global_values [B, G, N, D], global_linear_keys [B, G, N, D'], global_valid [B, N]:
+                 the sparse global cache (`ops.global_cache`; N = 0: none), keys that left the
+                 window and that the linear state recalls worst
     Window slots are in time order, oldest first.
     """
 
@@ -67,6 +70,10 @@ class HybridAttentionState:
     sink_keys: torch.Tensor
     sink_values: torch.Tensor
     sink_valid: torch.Tensor
+    global_keys: torch.Tensor
+    global_values: torch.Tensor
+    global_linear_keys: torch.Tensor
+    global_valid: torch.Tensor
 
     @classmethod
     def zeros(
@@ -81,9 +88,11 @@ class HybridAttentionState:
         device: torch.device | str = "cpu",
         sinks: int = 0,
         linear_key_dim: int | None = None,
+        global_slots: int = 0,
     ) -> HybridAttentionState:
         """linear_key_dim: the size of `linear_keys` (None: head_dim; 0 when there is no linear
-        part, so that a window-only layer stores its keys and values and nothing else)."""
+        part, so that a window-only layer stores its keys and values and nothing else);
+        global_slots: N, the global cache's slots (its linear keys are always head_dim wide)."""
 
         def empty(slots: int, size: int = head_dim) -> torch.Tensor:
             return torch.zeros(batch, kv_heads, slots, size, dtype=dtype, device=device)
@@ -97,11 +106,19 @@ class HybridAttentionState:
             sink_keys=empty(sinks),
             sink_values=empty(sinks),
             sink_valid=torch.zeros(batch, sinks, dtype=torch.bool, device=device),
+            global_keys=empty(global_slots),
+            global_values=empty(global_slots),
+            global_linear_keys=empty(global_slots),
+            global_valid=torch.zeros(batch, global_slots, dtype=torch.bool, device=device),
         )
 
     @property
     def window(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def global_slots(self) -> int:
+        return self.global_keys.shape[2]
 
     @property
     def sinks(self) -> int:
@@ -110,7 +127,8 @@ class HybridAttentionState:
     def nbytes(self) -> int:
         window = self.keys.nbytes + self.values.nbytes + self.linear_keys.nbytes + self.valid.nbytes
         sinks = self.sink_keys.nbytes + self.sink_values.nbytes + self.sink_valid.nbytes
-        return self.linear.nbytes() + window + sinks
+        cache = self.global_keys.nbytes + self.global_values.nbytes + self.global_linear_keys.nbytes
+        return self.linear.nbytes() + window + sinks + cache + self.global_valid.nbytes
 
     def select(self, index: torch.Tensor) -> HybridAttentionState:
         return HybridAttentionState(
@@ -182,8 +200,9 @@ class RingWindow:
     """A hybrid layer's state for in-place decoding (the same content as HybridAttentionState).
 
     kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
-    [B, G, S + W, D] and valid [B, S + W]: the S sink slots first, then the W window slots, so
-    that one product scores both without a copy; linear_keys [B, G, W, D] (the window slots only).
+    [B, G, S + N + W, D] and valid [B, S + N + W]: the S sink slots first, then the N global
+    cache slots, then the W window slots, so that one product scores them all without a copy;
+    linear_keys [B, G, W, D'] (the window slots only), global_linear_keys [B, G, N, D].
     The window slots are a ring: slot `FastState.next_slot` mod W is the oldest, the next to be
     overwritten (layers may differ in W: a teacher's local layer kept beside converted ones).
     Mutable: `ops.windowed_ring.windowed_ring_step_` writes it in place.
@@ -195,6 +214,7 @@ class RingWindow:
     values: torch.Tensor
     linear_keys: torch.Tensor
     valid: torch.Tensor
+    global_linear_keys: torch.Tensor
     sinks: int
 
     @classmethod
@@ -203,12 +223,22 @@ class RingWindow:
         return cls(
             state.linear.kv.clone(),
             state.linear.k_sum.clone(),
-            torch.cat([state.sink_keys, state.keys], 2),
-            torch.cat([state.sink_values, state.values], 2),
+            torch.cat([state.sink_keys, state.global_keys, state.keys], 2),
+            torch.cat([state.sink_values, state.global_values, state.values], 2),
             state.linear_keys.clone(),
-            torch.cat([state.sink_valid, state.valid], 1),
+            torch.cat([state.sink_valid, state.global_valid, state.valid], 1),
+            state.global_linear_keys.clone(),
             state.sinks,
         )
+
+    @property
+    def global_slots(self) -> int:
+        return self.global_linear_keys.shape[2]
+
+    @property
+    def fixed_slots(self) -> int:
+        """S + N: the slots before the window's in keys, values and valid."""
+        return self.sinks + self.global_slots
 
     def to_hybrid(self, pointer: int) -> HybridAttentionState:
         """The same content as a HybridAttentionState: the window rolled back into time order
@@ -217,16 +247,20 @@ class RingWindow:
         def ordered(x: torch.Tensor, dim: int = 2) -> torch.Tensor:
             return torch.roll(x, -pointer, dims=dim)
 
-        sinks = self.sinks
+        sinks, fixed = self.sinks, self.fixed_slots
         return HybridAttentionState(
             LinearAttentionState(self.kv.clone(), self.k_sum.clone()),
-            ordered(self.keys[:, :, sinks:]),
-            ordered(self.values[:, :, sinks:]),
+            ordered(self.keys[:, :, fixed:]),
+            ordered(self.values[:, :, fixed:]),
             ordered(self.linear_keys),
-            ordered(self.valid[:, sinks:], 1),
+            ordered(self.valid[:, fixed:], 1),
             self.keys[:, :, :sinks].clone(),
             self.values[:, :, :sinks].clone(),
             self.valid[:, :sinks].clone(),
+            self.keys[:, :, sinks:fixed].clone(),
+            self.values[:, :, sinks:fixed].clone(),
+            self.global_linear_keys.clone(),
+            self.valid[:, sinks:fixed].clone(),
         )
 
     @property
@@ -235,5 +269,5 @@ class RingWindow:
         return LinearAttentionState(self.kv, self.k_sum)
 
     def select(self, index: torch.Tensor) -> RingWindow:
-        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid)
+        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid, self.global_linear_keys)
         return RingWindow(*(x[index] for x in tensors), self.sinks)

@@ -193,6 +193,13 @@ def softmax_with_sinks(
     return both.split([scores.shape[-1], sink_scores.shape[-1]], dim=-1)
 
 
+def no_global_cache(state: HybridAttentionState) -> None:
+    """The parallel and chunked forms take no global cache: whether a key stays cached depends on
+    every earlier choice (`ops.global_cache`), so such a state goes token by token (`ops.dispatch`)."""
+    if state.global_slots:
+        raise ValueError("a state with a global cache advances one token at a time (the recurrent form)")
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,6 +222,7 @@ def windowed_attention(
     Returns out [B, H, T, D] in v's dtype and the final state.
     """
     state = initial_state
+    no_global_cache(state)
     heads, length, window = q.shape[1], q.shape[2], state.window
     sinks = take_sinks(state, k, v, valid.bool())
     # One sequence of S = W + T slots: the state's window (indices 0..W-1), then the new tokens.
@@ -268,5 +276,9 @@ def windowed_attention(
         sink_keys=sinks.keys,
         sink_values=sinks.values,
         sink_valid=sinks.valid,
+        global_keys=state.global_keys,
+        global_values=state.global_values,
+        global_linear_keys=state.global_linear_keys,
+        global_valid=state.global_valid,
     )
     return out.to(v.dtype), final_state

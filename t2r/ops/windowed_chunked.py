@@ -26,6 +26,7 @@ from t2r.ops.windowed import (
     decay_powers,
     decayed_final_linear,
     key_features,
+    no_global_cache,
     per_query_head,
     repeat_heads,
     softmax_with_sinks,
@@ -67,6 +68,7 @@ def chunked_windowed_attention(
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Shapes as in `ops.windowed.windowed_attention`; returns out [B, H, T, D] and the final state."""
     state = initial_state
+    no_global_cache(state)
     batch, heads, length, head_dim = q.shape
     if length == 0:
         return no_tokens(q, v), state
@@ -173,5 +175,9 @@ def chunked_windowed_attention(
         sink_keys=sinks.keys,
         sink_values=sinks.values,
         sink_valid=sinks.valid,
+        global_keys=state.global_keys,
+        global_values=state.global_values,
+        global_linear_keys=state.global_linear_keys,
+        global_valid=state.global_valid,
     )
     return out.to(v.dtype), final_state

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from t2r.ops.global_cache import exchange
 from t2r.ops.state import RingWindow
 from t2r.ops.windowed import FeatureMapFn, key_features, repeat_heads
 from t2r.ops.windowed_step import evict_into_linear_, hybrid_read
@@ -40,20 +41,36 @@ def windowed_ring_step_(
 
     The oldest slot's key leaves the window into the linear state, the new token takes its slot
     (while a row has fewer than S sinks, the token is a sink instead: its window slot stays invalid,
-    counted once, never evicted), then the query reads sinks, window and linear state. Keyword
+    counted once, never evicted), then the query reads sinks, global cache, window and linear state.
+    With a global cache the oldest slot competes with the cached keys first (`ops.global_cache`). Keyword
     arguments as in `ops.windowed`. A ring that keeps no linear keys (`ring.linear_keys` [B, G, W, 0])
     is given the oldest slot's as `leaving_linear_key` [B, G, D] (its window key before positions,
     `t2r.modeling.window_keys`). Returns out [B, H, D] in v's dtype.
     """
     sinks, linear_heads = ring.sinks, ring.kv.shape[1]
-    window_slot = slot + sinks if sinks else slot  # the slot in keys / values / valid
-    # 1. Evict: phi(oldest linear key) (x) its value into the linear state (zero for an invalid slot).
+    window_slot = slot + ring.fixed_slots if ring.fixed_slots else slot  # the slot in keys / values / valid
+    # 1. Evict: phi(oldest linear key) (x) its value into the linear state (zero for an invalid slot),
+    # or, with a global cache, the one of it and the cached keys that the state recalls best.
     if leaving_linear_key is None:
         leaving_key = ring.linear_keys.index_select(2, slot).to(linear_keys.dtype)  # [B, G, 1, D]
     else:
         leaving_key = leaving_linear_key[:, :, None].to(linear_keys.dtype)
-    leaving = key_features(leaving_key, ring.valid.index_select(1, window_slot), feature_map_k, linear_heads)[:, :, 0]
-    leaving_value = repeat_heads(ring.values.index_select(2, window_slot), linear_heads)[:, :, 0].float()
+    leaving_valid = ring.valid.index_select(1, window_slot)  # [B, 1]
+    if ring.global_slots:
+        cached = slice(sinks, ring.fixed_slots)
+        swap = exchange(
+            ring.keys[:, :, cached], ring.values[:, :, cached], ring.global_linear_keys, ring.valid[:, cached],
+            ring.keys.index_select(2, window_slot)[:, :, 0], ring.values.index_select(2, window_slot)[:, :, 0],
+            leaving_key[:, :, 0], leaving_valid[:, 0], ring.linear, feature_map_k=feature_map_k, eps=eps,
+        )  # fmt: skip
+        leaving, leaving_value = swap.phi, swap.value
+        for part, new in ((ring.keys[:, :, cached], swap.keys), (ring.values[:, :, cached], swap.values)):
+            part.copy_(new)  # views: written in place
+        ring.global_linear_keys.copy_(swap.linear_keys)
+        ring.valid[:, cached].copy_(swap.valid)
+    else:
+        leaving = key_features(leaving_key, leaving_valid, feature_map_k, linear_heads)[:, :, 0]
+        leaving_value = repeat_heads(ring.values.index_select(2, window_slot), linear_heads)[:, :, 0].float()
     evict_into_linear_(ring.linear, leaving, leaving_value, decay)
     # 2. The new token takes the slot, or a sink slot while a row has fewer than S sinks.
     ring.keys.index_copy_(2, window_slot, k[:, :, None])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from t2r.ops.global_cache import exchange
 from t2r.ops.reference import no_tokens, read_linear_state
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 from t2r.ops.windowed import (
@@ -123,13 +124,25 @@ def windowed_attention_step(
 
     The new token pushes the oldest slot out of the window into the linear state (only that one
     key goes through the feature map; the state decays once first), then the query reads both.
+    With a global cache (`state.global_slots` > 0) the oldest slot first competes with the cached
+    keys (`ops.global_cache.exchange`): the one the linear state recalls best enters it instead,
+    and the query's softmax part reads the sinks, the cache and the window.
     Returns out [B, H, D] and the next state.
     """
     linear_heads = state.linear.kv.shape[1]
     sinks = take_sinks(state, k[:, :, None], v[:, :, None], valid.bool()[:, None])
-    leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, linear_heads)[:, :, 0]
-    leaving_value = repeat_heads(state.values[:, :, :1], linear_heads)[:, :, 0].float()  # [B, L, D]
     linear = LinearAttentionState(state.linear.kv.clone(), state.linear.k_sum.clone())
+    cache = (state.global_keys, state.global_values, state.global_linear_keys, state.global_valid)
+    if state.global_slots:  # the oldest slot competes with the global cache (`ops.global_cache`)
+        swap = exchange(
+            *cache, state.keys[:, :, 0], state.values[:, :, 0], state.linear_keys[:, :, 0], state.valid[:, 0],
+            state.linear, feature_map_k=feature_map_k, eps=eps,
+        )  # fmt: skip
+        leaving, leaving_value = swap.phi, swap.value
+        cache = (swap.keys, swap.values, swap.linear_keys, swap.valid)
+    else:
+        leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, linear_heads)[:, :, 0]
+        leaving_value = repeat_heads(state.values[:, :, :1], linear_heads)[:, :, 0].float()  # [B, L, D]
     evict_into_linear_(linear, leaving, leaving_value, decay)
     keys = torch.cat([state.keys[:, :, 1:], k[:, :, None].to(state.keys.dtype)], dim=2)  # [B, G, W, D]
     values = torch.cat([state.values[:, :, 1:], v[:, :, None].to(state.values.dtype)], dim=2)
@@ -144,10 +157,12 @@ def windowed_attention_step(
         sinks.keys,
         sinks.values,
         sinks.valid,
+        *cache,
     )
+    global_keys, global_values, _, global_valid = cache
     out = hybrid_read(
-        q, torch.cat([sinks.keys, keys], 2), torch.cat([sinks.values, values], 2),
-        torch.cat([sinks.valid, window_valid], 1), sinks.keys.shape[2], phi_q, linear,
+        q, torch.cat([sinks.keys, global_keys, keys], 2), torch.cat([sinks.values, global_values, values], 2),
+        torch.cat([sinks.valid, global_valid, window_valid], 1), sinks.keys.shape[2], phi_q, linear,
         window_share=window_share, scale=scale, eps=eps, sink_queries=sink_queries, softcap=softcap,
     )  # fmt: skip
     return out.to(v.dtype), next_state

@@ -60,8 +60,11 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], kinds: list[str]) -> Mo
         for field in dataclasses.fields(cls):
             if field.name == "linear":
                 values["linear"] = LinearAttentionState(tensors[f"{index}.linear.kv"], tensors[f"{index}.linear.k_sum"])
-            else:
+            elif f"{index}.{field.name}" in tensors:
                 values[field.name] = tensors[f"{index}.{field.name}"]
+            else:  # a session saved before the global cache existed: it has none
+                like = tensors[f"{index}.valid" if field.name == "global_valid" else f"{index}.keys"]
+                values[field.name] = like[:, :0] if field.name == "global_valid" else like[:, :, :0]
         layers.append(cls(**values))
     return ModelState(tuple(layers), tensors["seen"])
 
