@@ -70,6 +70,20 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
         help=f"with a window, the first N tokens stay exact softmax slots for good (default: {DEFAULT_SINKS} "
         "with a window)",
     )
+    add_global_cache_flag(parser, "training-free: `t2r train` trains without it and saves the model with it")
+
+
+def add_global_cache_flag(parser: argparse.ArgumentParser, note: str) -> None:
+    """--global-cache N (LoLA's sparse cache, `t2r.ops.global_cache`): convert, train, eval, generate."""
+    parser.add_argument(
+        "--global-cache",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="with a window and a linear part, keep per layer and key/value head the N keys that left the "
+        f"window and that the linear state recalls worst as exact softmax slots (constant memory); {note} "
+        "(default: 0, none)",
+    )
 
 
 def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +98,7 @@ def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
         "softmax_layers": args.softmax_layers or (),
         "linear_heads": args.linear_heads or "query",
         "keep_local": bool(args.keep_local),
+        "global_cache": args.global_cache or 0,
     }
 
 

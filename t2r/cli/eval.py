@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from t2r.cli.common import Formatter, positive_int, token_counts
+from t2r.cli.convert import add_global_cache_flag
 from t2r.cli.eval_tasks import add_task_flags, baseline_settings, check_task_flags, run_chat, run_passkey
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
@@ -43,6 +44,7 @@ def add_parser(commands: Any) -> None:
         help="windows per batch (default: 4; 16 with --mode recurrent, which batches well)",
     )
     parser.add_argument("--mode", choices=FORMS, default="chunked", help="attention form of a converted model")
+    add_global_cache_flag(parser, "given to the converted model as it loads; the baseline of equal bytes counts it")
     parser.add_argument(
         "--teacher",
         nargs="?",
@@ -89,6 +91,10 @@ def run(args: argparse.Namespace) -> None:
     if stride > args.seq_len:
         raise UsageError(f"--stride {stride} is larger than --seq-len {args.seq_len}: tokens would be skipped")
     model, tokenizer = load_model(args.model)
+    if args.global_cache is not None:
+        if not isinstance(model, T2RForCausalLM):
+            raise UsageError(f"--global-cache is a converted model's; {args.model} is a softmax model")
+        model.with_global_cache(args.global_cache)
     model = with_weights(model, args.weights)
     if args.long and not isinstance(model, T2RForCausalLM):
         raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")

@@ -124,12 +124,16 @@ def run(args: argparse.Namespace) -> None:
     resolve_sources([*args.data, *args.distill_data])  # a missing path fails before a model loads
     student, tokenizer = load_model(args.model)
     student, teacher_spec = prepare_student(args, student)
+    # The global cache is training-free (LoLA): train without it, save the model with it.
+    global_cache = student.config.global_cache
+    student.with_global_cache(0)
     teacher, _ = load_teacher(teacher_spec)
     data = training_data(args.data, args.distill_data, tokenizer, config.seq_len, config.seed)
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     settings.pop("run", None)
     trainer = Trainer(student, teacher, data, config, args.out, settings)
     evaluations = trainer.run(resume=args.resume)
+    student.with_global_cache(global_cache)
     summary = trainer.finish(tokenizer, evaluations)
     if trainer.accelerator.is_main_process:
         print(summary_table(summary, teacher_spec, args.out / "model"))
@@ -147,7 +151,7 @@ def prepare_student(args: argparse.Namespace, loaded: Any) -> tuple[Any, str]:
     if isinstance(loaded, T2RForCausalLM):
         flags = (
             args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.softmax_layers,
-            args.linear_heads, args.keep_local,
+            args.linear_heads, args.keep_local, args.global_cache,
         )  # fmt: skip
         if any(flag is not None for flag in flags) or args.untie_qk or args.from_scratch or args.rotary_features:
             raise UsageError(f"{args.model} is already converted; drop the conversion flags")

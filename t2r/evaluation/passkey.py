@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from t2r.data.corpus import state_of_the_union
 from t2r.errors import T2RError, UsageError
 from t2r.evaluation.long_context import teacher_context
-from t2r.inference.continuations import continuation_logprobs, greedy_tokens
+from t2r.inference.continuations import continuation_logprobs, greedy_tokens, prefill
 from t2r.modeling.model import T2RForCausalLM
 
 DEFAULT_LENGTHS = (256, 1000, 2000, 4000, 8000, 16000, 32000)
@@ -200,9 +200,12 @@ def score_prompt(
 ) -> Trial:
     """Greedy exact match and the key's log-likelihood rank among the candidates, for one model."""
     stop = frozenset() if tokenizer.eos_token_id is None else frozenset({tokenizer.eos_token_id})
-    answer = tokenizer.decode(greedy_tokens(model, prompt.ids, max_new_tokens, stop), skip_special_tokens=True)
+    prefilled = prefill(model, prompt.ids)  # a converted model's prompt, prefilled once for both
+    answer = tokenizer.decode(
+        greedy_tokens(model, prompt.ids, max_new_tokens, stop, prefilled), skip_special_tokens=True
+    )
     number = re.search(r"\d+", answer)
-    scores = continuation_logprobs(model, prompt.ids, prompt.candidates, batch_size)  # [100]
+    scores = continuation_logprobs(model, prompt.ids, prompt.candidates, batch_size, prefilled)  # [100]
     if torch.isnan(scores).any():  # be strict: a NaN never wins
         rank = len(scores)
     else:

@@ -11,24 +11,60 @@ its KV cache, cropped back to the prompt after each candidate, so that memory st
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from t2r.inference.generate import generate
-from t2r.inference.sampling import Sampling
+from t2r.modeling.fast_decode import FastState, fast_step
 from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.state import ModelState
 
-GREEDY = Sampling(greedy=True)
+
+@dataclass(frozen=True)
+class Prefilled:
+    """A converted model's prompt prefilled once (chunked form), for both questions of an eval:
+    prompt_ids [T], the last logits [V] and the state after the prompt (one row)."""
+
+    prompt_ids: torch.Tensor
+    logits: torch.Tensor
+    state: ModelState
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, prompt_ids: torch.Tensor) -> Prefilled | None:
+    """A converted model's prefilled prompt (None for a teacher, whose KV cache is made per call):
+    a prompt long enough that its prefill is the cost (a state with a global cache goes token by
+    token) is then prefilled once for `greedy_tokens` and `continuation_logprobs` together."""
+    if not isinstance(model, T2RForCausalLM):
+        return None
+    prompt_ids = prompt_ids.to(model.device)
+    logits, state = model(prompt_ids[None], form="chunked", logits_to_keep=1)
+    return Prefilled(prompt_ids, logits[0, -1], state)
 
 
 @torch.no_grad()
 def greedy_tokens(
-    model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: int, stop_ids: frozenset[int] = frozenset()
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: frozenset[int] = frozenset(),
+    prefilled: Prefilled | None = None,
 ) -> list[int]:
-    """prompt_ids [T] -> up to `max_new_tokens` greedy tokens; stops before a token of `stop_ids`."""
+    """prompt_ids [T] -> up to `max_new_tokens` greedy tokens; stops before a token of `stop_ids`.
+    A converted model decodes from `prefilled` (`prefill(model, prompt_ids)`, made here if None)
+    with the in-place step, as `t2r generate` does."""
     if isinstance(model, T2RForCausalLM):
-        return generate(model, prompt_ids, max_new_tokens, GREEDY, stop_ids=stop_ids).new_tokens
+        prefilled = prefilled or prefill(model, prompt_ids)
+        state, logits, tokens = FastState.from_model_state(prefilled.state), prefilled.logits, []
+        while len(tokens) < max_new_tokens:
+            token = int(logits.float().argmax(-1))
+            if token in stop_ids:
+                break
+            tokens.append(token)
+            if len(tokens) < max_new_tokens:
+                logits = fast_step(model, torch.tensor([token], device=model.device), state)[0]
+        return tokens
     device = next(model.parameters()).device
     logits, past = _teacher_prefill(model, prompt_ids.to(device))
     tokens: list[int] = []
@@ -44,7 +80,11 @@ def greedy_tokens(
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: nn.Module, prompt_ids: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int = 25
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    candidates: Sequence[Sequence[int]],
+    batch_size: int = 25,
+    prefilled: Prefilled | None = None,
 ) -> torch.Tensor:
     """log p(candidate | prompt) summed over each candidate's tokens: prompt_ids [T] -> [N] fp32.
 
@@ -57,7 +97,7 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device)
     if isinstance(model, T2RForCausalLM):
-        return _converted_logprobs(model, prompt_ids, candidates, batch_size)
+        return _converted_logprobs(model, prefilled or prefill(model, prompt_ids), candidates, batch_size)
     last_logits, past = _teacher_prefill(model, prompt_ids)
     prompt_length = prompt_ids.shape[0]
     scores = []
@@ -80,10 +120,10 @@ def _teacher_prefill(model: nn.Module, prompt_ids: torch.Tensor) -> tuple[torch.
 
 
 def _converted_logprobs(
-    model: T2RForCausalLM, prompt_ids: torch.Tensor, candidates: Sequence[Sequence[int]], batch_size: int
+    model: T2RForCausalLM, prefilled: Prefilled, candidates: Sequence[Sequence[int]], batch_size: int
 ) -> torch.Tensor:
-    logits, state = model(prompt_ids[None], form="chunked", logits_to_keep=1)
-    first = logits[0, -1].float().log_softmax(-1)
+    prompt_ids, state = prefilled.prompt_ids, prefilled.state
+    first = prefilled.logits.float().log_softmax(-1)
     scores = []
     for start in range(0, len(candidates), batch_size):
         group = candidates[start : start + batch_size]

@@ -3,7 +3,7 @@
 `parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
 the single-token step; `hybrid` picks the window + linear op of `ops.windowed` (its own signature)
 instead of pure linear attention. A hybrid state with a global cache goes through the recurrent
-form whatever the form asked (`ops.global_cache`).
+form's loop, made for prefill (`ops.windowed_scan`), whatever the form asked.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from t2r.ops.reference import causal_linear_attention, recurrent_linear_attentio
 from t2r.ops.state import LinearAttentionState
 from t2r.ops.windowed import windowed_attention
 from t2r.ops.windowed_chunked import chunked_windowed_attention
+from t2r.ops.windowed_scan import scanned_windowed_attention
 from t2r.ops.windowed_step import recurrent_windowed_attention
 
 AttentionOp = Callable[..., tuple[torch.Tensor, LinearAttentionState]]
@@ -49,11 +50,11 @@ def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False, compiled
 
 
 def _token_by_token_with_a_global_cache(op: AttentionOp, *args, **kwargs) -> tuple:
-    """A hybrid op, or the recurrent form for a state with a global cache: which keys stay cached
-    depends on every earlier choice (`ops.global_cache`), so such a state goes token by token."""
+    """A hybrid op, or for a state with a global cache its token-by-token prefill form
+    (`ops.windowed_scan`): which keys stay cached depends on every earlier choice."""
     initial_state = args[6] if len(args) > 6 else kwargs["initial_state"]
     if initial_state.global_slots:
-        return recurrent_windowed_attention(*args, **kwargs)
+        return scanned_windowed_attention(*args, **kwargs)
     return op(*args, **kwargs)
 
 
