@@ -413,3 +413,28 @@ def test_command_functions_read_in_one_sitting() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef):
                 assert node.end_lineno - node.lineno < 60, f"{path.name}: {node.name}"
+
+
+def test_the_global_cache_flag_reaches_the_model_and_its_baseline(
+    teacher_folder: Path, converted_folder: Path, text_file: Path, tmp_path: Path, capfd
+) -> None:
+    """`convert --global-cache N` saves it; `eval --global-cache N` gives it to a converted model as
+    it loads, and the baseline of equal bytes grows by the cache's bytes; a teacher takes none."""
+    argv = ["convert", "--model", teacher_folder, "--window", 8, "--global-cache", 2, "--out", tmp_path / "cached"]
+    code, _, err = run(argv, capfd)
+    assert code == 0, err
+    assert json.loads((tmp_path / "cached" / "config.json").read_text())["t2r"]["global_cache"] == 2
+    records = {}
+    for slots in (0, 16):
+        argv = ["eval", converted_folder, "--data", text_file, "--seq-len", 100, "--max-tokens", 200]
+        code, out, err = run([*argv, "--global-cache", slots, "--baseline", "--json"], capfd)
+        assert code == 0, err
+        records[slots] = json.loads(out)
+    assert records[16]["baseline"]["window"] > records[0]["baseline"]["window"]
+    assert records[16]["perplexity"] != records[0]["perplexity"]  # keys left the 64-token window: cached
+    code, _, err = run(["eval", teacher_folder, "--data", text_file, "--global-cache", 4], capfd)
+    assert code == 2 and "softmax model" in only_line(err)
+    code, _, err = run(
+        ["convert", "--model", teacher_folder, "--window", 0, "--global-cache", 2, "--out", tmp_path / "x"], capfd
+    )
+    assert code == 2 and "--global-cache needs a window" in only_line(err)

@@ -285,3 +285,21 @@ def test_joined_rows_with_a_cache_decode_as_they_would_alone() -> None:
         both = fast_step(model, torch.stack([ids[0, 20 + t], ids[1, 24 + t]]), joined)
         assert (both[0] - alone[0][t][0]).abs().max() <= LOGITS_TOLERANCE
         assert (both[1] - alone[1][t][0]).abs().max() <= LOGITS_TOLERANCE
+
+
+@torch.no_grad()
+def test_the_compiled_decode_step_takes_a_cache() -> None:
+    """The decode step through torch.compile (aot_eager: the same capture as inductor, no code
+    generation) with a global cache: the exchange's argmin, gathers and in-place writes are captured,
+    and the logits equal the eager step's."""
+    from t2r.modeling.fast_decode import Decoder
+
+    torch.manual_seed(0)
+    model = trained_looking_model(converted("llama", "hedgehog", rotary_features=False)).with_global_cache(2)
+    ids, _ = left_padded_batch()
+    _, state = model(ids[:1, :20], torch.ones(1, 20, dtype=torch.long), model.init_state(1))
+    eager, compiled = FastState.from_model_state(state), FastState.from_model_state(state)
+    decoder = Decoder(compile=True, backend="aot_eager")
+    for t in range(20, 26):
+        expected = fast_step(model, ids[:1, t], eager)
+        assert (decoder(model, ids[:1, t], compiled) - expected).abs().max() <= LOGITS_TOLERANCE

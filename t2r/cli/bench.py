@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from t2r.cli.common import Formatter, batch_sizes, positive_int, token_counts, weight_formats
+from t2r.cli.convert import add_global_cache_flag
 from t2r.errors import UsageError
 
 CONTEXTS = (256, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -58,6 +59,7 @@ def add_parser(commands: Any) -> None:
         help="also the training-free sliding-window baseline (the teacher over the model's sinks + the window "
         "of equal state bytes), in the same weight formats",
     )
+    add_global_cache_flag(parser, "given to the converted model as it loads; --baseline counts it")
     parser.add_argument("--data", type=Path, default=None, help="prompt text (default: the built-in corpus)")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF of the llama.cpp row (default: the teacher's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for bench.json and plots")
@@ -121,6 +123,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compile=not args.no_compile,
         reference_step=not args.no_reference_step,
         baseline=args.baseline,
+        global_cache=args.global_cache,
     )
     prompt_ids = bench_prompt_ids(tokenizer, text, max(settings.contexts))
     teacher_context = model.teacher_context

@@ -88,6 +88,8 @@ class BenchSettings:
     # Rows of the training-free sliding-window baseline at the converted model's state bytes
     # (`t2r.hub.load_baseline`), in the same weight formats: what the recurrent state must beat.
     baseline: bool = False
+    # A global cache of this many slots given to the converted model as it loads (None: its own).
+    global_cache: int | None = None
     # torch.compile's backend: inductor generates the kernels (the speed); "aot_eager" captures the
     # same graph without generating code (seconds, for tests of the capture).
     backend: str = "inductor"
@@ -104,6 +106,8 @@ class Engine:
 
     source: the teacher as `t2r` names models (kind teacher), a converted folder (converted,
     baseline) or a GGUF file (llama.cpp). longest: the longest context it takes (None: any).
+    global_cache: a global cache given to the converted model as it loads (None: its own); the
+    baseline's window then has the bytes of the model with it.
     """
 
     kind: str
@@ -113,6 +117,7 @@ class Engine:
     batches: tuple[int, ...] = (1,)
     longest: int | None = None
     backend: str = "inductor"
+    global_cache: int | None = None  # converted and baseline: the cache given to the converted model
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.decoder not in DECODERS or self.weights not in WEIGHT_FORMATS:

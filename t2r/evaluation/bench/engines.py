@@ -63,6 +63,8 @@ def load_engine_model(engine: Engine) -> nn.Module:
         model, _ = load_model(engine.source)
     else:
         model, _ = load_converted(Path(engine.source))
+        if engine.global_cache is not None:
+            model.with_global_cache(engine.global_cache)
         if engine.kind == "baseline":
             model = load_baseline(model)
         model = fuse_projections(model)  # q/k/v and gate/up stacked, as `t2r generate` decodes

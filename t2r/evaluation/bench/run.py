@@ -102,9 +102,10 @@ def plan(
     engines = []
     for weights, decoder in decoders:
         engines.append(Engine("teacher", teacher_spec, weights, decoder, batches, teacher_context, backend))
-        engines += [Engine(kind, str(folder), weights, decoder, batches, None, backend) for kind in kinds]
+        cache = settings.global_cache
+        engines += [Engine(kind, str(folder), weights, decoder, batches, None, backend, cache) for kind in kinds]
         if (weights, decoder) == ("fp32", "eager") and settings.reference_step:
-            engines.append(Engine("converted", str(folder), weights, "step", (1,), None, backend))
+            engines.append(Engine("converted", str(folder), weights, "step", (1,), None, backend, cache))
     if gguf is not None:
         engines.append(Engine("llama.cpp", gguf, "fp32", "eager", (1,), teacher_context, backend))
     return engines
