@@ -36,11 +36,16 @@ def with_cache(state: HybridAttentionState, slots: int, seed: int = 1) -> Hybrid
     valid = torch.zeros(B, slots, dtype=torch.bool)
     valid[0, : min(2, slots)] = True
 
-    def cached() -> torch.Tensor:
-        return torch.randn(B, G, slots, D, generator=generator) * valid[:, None, :, None]
+    def cached(heads: int = G, size: int = D) -> torch.Tensor:
+        return torch.randn(B, heads, slots, size, generator=generator) * valid[:, None, :, None]
 
+    _, linear_heads, features, _ = state.linear.kv.shape
     return dataclasses.replace(
-        state, global_keys=cached(), global_values=cached(), global_linear_keys=cached(), global_valid=valid
+        state,
+        global_keys=cached(),
+        global_values=cached(),
+        global_features=cached(linear_heads, features).abs(),  # features are non-negative
+        global_valid=valid,
     )
 
 
@@ -55,17 +60,18 @@ def test_the_exchange_evicts_the_candidate_the_linear_state_recalls_best() -> No
         linear = LinearAttentionState(
             torch.rand(B, heads, 12, D, generator=generator), torch.rand(B, heads, 12, generator=generator) + 0.5
         )
-        keys, values, linear_keys = (torch.randn(B, G, slots, D, generator=generator) for _ in range(3))
+        keys, values = (torch.randn(B, G, slots, D, generator=generator) for _ in range(2))
         valid = torch.tensor([[True] * slots, [True, True, False, False]])
+        cache_features = torch.rand(B, heads, slots, phi.out_dim, generator=generator) * valid[:, None, :, None]
         leaving = [torch.randn(B, G, D, generator=generator) for _ in range(3)]
         with torch.no_grad():
             swap = exchange(
-                keys, values, linear_keys, valid, *leaving, torch.ones(B, dtype=torch.bool), linear,
+                keys, values, cache_features, valid, *leaving, torch.ones(B, dtype=torch.bool), linear,
                 feature_map_k=phi, eps=1e-6,
             )  # fmt: skip
-            candidates_k = torch.cat([leaving[2][:, :, None], linear_keys], 2)
+            leaving_features = phi(repeat_heads(leaving[2][:, :, None], heads))  # [B, L, 1, F]
+            features = torch.cat([leaving_features, cache_features], 2)  # [B, L, N + 1, F]
             candidates_v = torch.cat([leaving[1][:, :, None], values], 2)
-            features = phi(repeat_heads(candidates_k, heads))  # [B, L, N + 1, F]
         group = heads // G
         for b in range(B):
             for g in range(G):
@@ -88,7 +94,8 @@ def test_the_exchange_evicts_the_candidate_the_linear_state_recalls_best() -> No
                     assert_close(swap.value[b, head], candidates_v[b, g, chosen], "value")
                 if chosen:  # the leaving key takes the evicted one's slot, the rest stay
                     assert torch.equal(swap.keys[b, g, chosen - 1], leaving[0][b, g])
-                    assert torch.equal(swap.linear_keys[b, g, chosen - 1], leaving[2][b, g])
+                    for head in range(g * group, (g + 1) * group):
+                        assert torch.equal(swap.features[b, head, chosen - 1], leaving_features[b, head, 0])
                 others = [s for s in range(slots) if s != chosen - 1]
                 assert torch.equal(swap.keys[b, g, others], keys[b, g, others])
         # Row 1 has empty slots: the leaving key fills the first one, in every head alike.
@@ -99,7 +106,7 @@ def test_an_invalid_leaving_slot_passes_to_the_linear_state_as_zero() -> None:
     generator = torch.Generator().manual_seed(4)
     phi = build_feature_map("hedgehog", G, D, 6, generator)
     linear = LinearAttentionState(torch.rand(B, G, 12, D), torch.rand(B, G, 12) + 0.5)
-    cache = [torch.randn(B, G, 3, D, generator=generator) for _ in range(3)]
+    cache = [torch.randn(B, G, 3, D, generator=generator) for _ in range(2)] + [torch.rand(B, G, 3, phi.out_dim)]
     valid = torch.tensor([[True, False, False], [True, True, True]])
     leaving = [torch.randn(B, G, D, generator=generator) for _ in range(3)]
     with torch.no_grad():
@@ -149,7 +156,7 @@ def test_the_in_place_ring_step_with_a_cache_matches_the_reference(
     assert_close(torch.stack(outputs, dim=2), expected, "output")
     got = ring.to_hybrid(length)
     assert final.global_valid.all()  # the cache filled and then exchanged keys
-    for name in ("keys", "values", "sink_keys", "sink_values", "global_keys", "global_values", "global_linear_keys"):
+    for name in ("keys", "values", "sink_keys", "sink_values", "global_keys", "global_values", "global_features"):
         assert_close(getattr(got, name), getattr(final, name), f"final {name}")
     assert_close(got.linear.kv, final.linear.kv, "final kv")
     assert_close(got.linear.k_sum, final.linear.k_sum, "final k_sum")
@@ -174,7 +181,7 @@ def test_the_prefill_scan_of_a_cached_state_matches_the_reference(form: str, lin
         expected, final = recurrent_windowed_attention(*args, sink_queries=sink_q, softcap=5.0, **settings)
         got, got_final = attention_op(form, 8, hybrid=True)(*args, sink_queries=sink_q, softcap=5.0, **settings)
     assert_close(got, expected, "output")  # TOLERANCE: 1e-5, the same products in the same order
-    for name in ("keys", "values", "linear_keys", "sink_keys", "global_keys", "global_values", "global_linear_keys"):
+    for name in ("keys", "values", "linear_keys", "sink_keys", "global_keys", "global_values", "global_features"):
         assert_close(getattr(got_final, name), getattr(final, name), f"final {name}")
     assert_close(got_final.linear.kv, final.linear.kv, "final kv")
     for name in ("valid", "sink_valid", "global_valid"):
@@ -256,7 +263,7 @@ def test_a_model_with_a_cache_prefills_steps_and_fast_steps_alike(family: str) -
         assert (fast_step(model, ids[:, t], fast) - step_logits).abs().max() <= LOGITS_TOLERANCE
     assert all(layer.global_valid.all() for layer in state.layers if isinstance(layer, HybridAttentionState))
     cache_bytes = sum(
-        layer.global_keys.nbytes * 3 + layer.global_valid.nbytes
+        layer.global_keys.nbytes * 2 + layer.global_features.nbytes + layer.global_valid.nbytes
         for layer in state.layers
         if isinstance(layer, HybridAttentionState)
     )

@@ -72,6 +72,9 @@ def run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, teacher: A
         context_limits={name: context_limit(each) for name, each in models.items()},
     )
     record = {"model": args.model, "teacher": args.teacher_spec, **result.to_dict()}
+    if hasattr(model, "init_state"):  # a converted model: what its state holds
+        record["model_state_bytes"] = model.init_state(1).nbytes()
+        record["global_cache"] = model.config.global_cache
     if baseline is not None:
         record["baseline"] = baseline_settings(baseline)
     if args.plot is not None:

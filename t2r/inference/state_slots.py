@@ -19,7 +19,7 @@ import torch
 from t2r.modeling.fast_decode import FastState
 from t2r.ops.state import LinearAttentionState, RingWindow
 
-_RING_TENSORS = ("kv", "k_sum", "keys", "values", "linear_keys", "valid", "global_linear_keys")
+_RING_TENSORS = ("kv", "k_sum", "keys", "values", "linear_keys", "valid", "global_features")
 
 
 class StateSlots:

@@ -126,7 +126,7 @@ def _ring_rolled(layer: RingWindow, shift: int) -> tuple[torch.Tensor, ...]:
         rolled(layer.values, 2, fixed),
         rolled(layer.linear_keys, 2, 0),
         rolled(layer.valid, 1, fixed),
-        layer.global_linear_keys,
+        layer.global_features,
     )
 
 

@@ -52,21 +52,21 @@ class Exchange:
     """What one token's eviction does: the key that goes into the linear state and the cache after.
 
     phi [B, L, F], value [B, L, D]: the evicted key's features (zero when nothing real leaves) and
-    its value; keys, values [B, G, N, D], linear_keys [B, G, N, D'], valid [B, N]: the cache after.
+    its value; keys, values [B, G, N, D], features [B, L, N, F], valid [B, N]: the cache after.
     """
 
     phi: torch.Tensor
     value: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    linear_keys: torch.Tensor
+    features: torch.Tensor
     valid: torch.Tensor
 
 
 def exchange(
     cache_keys: torch.Tensor,
     cache_values: torch.Tensor,
-    cache_linear_keys: torch.Tensor,
+    cache_features: torch.Tensor,
     cache_valid: torch.Tensor,
     leaving_key: torch.Tensor,
     leaving_value: torch.Tensor,
@@ -79,17 +79,17 @@ def exchange(
 ) -> Exchange:
     """The key leaving the window against the cache: the lowest self-recall error is evicted.
 
-    cache_keys, cache_values [B, G, N, D] (positions applied), cache_linear_keys [B, G, N, D'] (as
-    the key feature map sees them), cache_valid [B, N]; leaving_key, leaving_value [B, G, D],
+    cache_keys, cache_values [B, G, N, D] (positions applied), cache_features [B, L, N, F] (phi of
+    the cached keys, zero in an empty slot), cache_valid [B, N]; leaving_key, leaving_value [B, G, D],
     leaving_linear_key [B, G, D'], leaving_valid [B]; `linear`: the state before this token's decay
     and update (decay scales kv and k_sum alike: the recall does not change).
     """
     batch, kv_heads = leaving_key.shape[:2]
     linear_heads = linear.kv.shape[1]
     candidates_valid = torch.cat([leaving_valid[:, None], cache_valid], 1)  # [B, N + 1], the leaving key first
-    candidate_keys = torch.cat([leaving_linear_key[:, :, None].to(cache_linear_keys.dtype), cache_linear_keys], 2)
+    leaving_phi = key_features(leaving_linear_key[:, :, None], leaving_valid[:, None], feature_map_k, linear_heads)
+    phi = torch.cat([leaving_phi, cache_features], 2)  # [B, L, N + 1, F]
     candidate_values = torch.cat([leaving_value[:, :, None].to(cache_values.dtype), cache_values], 2)
-    phi = key_features(candidate_keys, candidates_valid, feature_map_k, linear_heads)  # [B, L, N + 1, F]
     values_l = repeat_heads(candidate_values, linear_heads).float()  # [B, L, N + 1, D]
     error = self_recall_error(linear, phi, values_l, eps)  # [B, L, N + 1]
     if linear_heads != kv_heads:  # a state per query head: the group's heads share one cache
@@ -102,14 +102,15 @@ def exchange(
     # The leaving key takes the evicted one's slot (none when it is evicted itself: chosen 0).
     place = chosen[:, :, None] - 1 == torch.arange(cache_valid.shape[1], device=chosen.device)  # [B, G, N]
 
-    def placed(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        return torch.where(place[..., None], new[:, :, None].to(cache.dtype), cache)
+    def placed(cache: torch.Tensor, new: torch.Tensor, where: torch.Tensor = place) -> torch.Tensor:
+        return torch.where(where[..., None], new[:, :, None].to(cache.dtype), cache)
 
+    place_l = place.repeat_interleave(linear_heads // kv_heads, 1)  # [B, L, N]: a key/value head's state heads
     return Exchange(
         phi=evicted_phi,
         value=evicted_value,
         keys=placed(cache_keys, leaving_key),
         values=placed(cache_values, leaving_value),
-        linear_keys=placed(cache_linear_keys, leaving_linear_key),
+        features=placed(cache_features, leaving_phi[:, :, 0], place_l),
         valid=cache_valid | (place.any(1) & leaving_valid[:, None]),
     )

@@ -56,9 +56,10 @@ class HybridAttentionState:
     sink_keys:   [B, G, S, D] the first S real tokens' keys (attention sinks, kept for good)
     sink_values: [B, G, S, D]
     sink_valid:  [B, S] bool, True once the slot holds a token (slots fill in order)
-    global_keys, global_values [B, G, N, D], global_linear_keys [B, G, N, D'], global_valid [B, N]:
+    global_keys, global_values [B, G, N, D], global_features [B, L, N, F] fp32, global_valid [B, N]:
                  the sparse global cache (`ops.global_cache`; N = 0: none), keys that left the
-                 window and that the linear state recalls worst
+                 window and that the linear state recalls worst, with their key features phi(k)
+                 (what the choice and the linear state read of them: F values, not the key's D)
     Window slots are in time order, oldest first.
     """
 
@@ -72,7 +73,7 @@ class HybridAttentionState:
     sink_valid: torch.Tensor
     global_keys: torch.Tensor
     global_values: torch.Tensor
-    global_linear_keys: torch.Tensor
+    global_features: torch.Tensor
     global_valid: torch.Tensor
 
     @classmethod
@@ -92,7 +93,7 @@ class HybridAttentionState:
     ) -> HybridAttentionState:
         """linear_key_dim: the size of `linear_keys` (None: head_dim; 0 when there is no linear
         part, so that a window-only layer stores its keys and values and nothing else);
-        global_slots: N, the global cache's slots (its linear keys are always head_dim wide)."""
+        global_slots: N, the global cache's slots."""
 
         def empty(slots: int, size: int = head_dim) -> torch.Tensor:
             return torch.zeros(batch, kv_heads, slots, size, dtype=dtype, device=device)
@@ -108,7 +109,7 @@ class HybridAttentionState:
             sink_valid=torch.zeros(batch, sinks, dtype=torch.bool, device=device),
             global_keys=empty(global_slots),
             global_values=empty(global_slots),
-            global_linear_keys=empty(global_slots),
+            global_features=torch.zeros(batch, heads, global_slots, feature_dim, device=device),
             global_valid=torch.zeros(batch, global_slots, dtype=torch.bool, device=device),
         )
 
@@ -127,7 +128,7 @@ class HybridAttentionState:
     def nbytes(self) -> int:
         window = self.keys.nbytes + self.values.nbytes + self.linear_keys.nbytes + self.valid.nbytes
         sinks = self.sink_keys.nbytes + self.sink_values.nbytes + self.sink_valid.nbytes
-        cache = self.global_keys.nbytes + self.global_values.nbytes + self.global_linear_keys.nbytes
+        cache = self.global_keys.nbytes + self.global_values.nbytes + self.global_features.nbytes
         return self.linear.nbytes() + window + sinks + cache + self.global_valid.nbytes
 
     def select(self, index: torch.Tensor) -> HybridAttentionState:
@@ -202,7 +203,7 @@ class RingWindow:
     kv [B, L, F, D], k_sum [B, L, F] fp32 (L: the linear state's heads, H or G); keys, values
     [B, G, S + N + W, D] and valid [B, S + N + W]: the S sink slots first, then the N global
     cache slots, then the W window slots, so that one product scores them all without a copy;
-    linear_keys [B, G, W, D'] (the window slots only), global_linear_keys [B, G, N, D].
+    linear_keys [B, G, W, D'] (the window slots only), global_features [B, L, N, F].
     The window slots are a ring: slot `FastState.next_slot` mod W is the oldest, the next to be
     overwritten (layers may differ in W: a teacher's local layer kept beside converted ones).
     Mutable: `ops.windowed_ring.windowed_ring_step_` writes it in place.
@@ -214,7 +215,7 @@ class RingWindow:
     values: torch.Tensor
     linear_keys: torch.Tensor
     valid: torch.Tensor
-    global_linear_keys: torch.Tensor
+    global_features: torch.Tensor
     sinks: int
 
     @classmethod
@@ -227,13 +228,13 @@ class RingWindow:
             torch.cat([state.sink_values, state.global_values, state.values], 2),
             state.linear_keys.clone(),
             torch.cat([state.sink_valid, state.global_valid, state.valid], 1),
-            state.global_linear_keys.clone(),
+            state.global_features.clone(),
             state.sinks,
         )
 
     @property
     def global_slots(self) -> int:
-        return self.global_linear_keys.shape[2]
+        return self.global_features.shape[2]
 
     @property
     def fixed_slots(self) -> int:
@@ -259,7 +260,7 @@ class RingWindow:
             self.valid[:, :sinks].clone(),
             self.keys[:, :, sinks:fixed].clone(),
             self.values[:, :, sinks:fixed].clone(),
-            self.global_linear_keys.clone(),
+            self.global_features.clone(),
             self.valid[:, sinks:fixed].clone(),
         )
 
@@ -269,5 +270,5 @@ class RingWindow:
         return LinearAttentionState(self.kv, self.k_sum)
 
     def select(self, index: torch.Tensor) -> RingWindow:
-        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid, self.global_linear_keys)
+        tensors = (self.kv, self.k_sum, self.keys, self.values, self.linear_keys, self.valid, self.global_features)
         return RingWindow(*(x[index] for x in tensors), self.sinks)

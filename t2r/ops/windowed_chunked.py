@@ -177,7 +177,7 @@ def chunked_windowed_attention(
         sink_valid=sinks.valid,
         global_keys=state.global_keys,
         global_values=state.global_values,
-        global_linear_keys=state.global_linear_keys,
+        global_features=state.global_features,
         global_valid=state.global_valid,
     )
     return out.to(v.dtype), final_state

@@ -59,14 +59,14 @@ def windowed_ring_step_(
     if ring.global_slots:
         cached = slice(sinks, ring.fixed_slots)
         swap = exchange(
-            ring.keys[:, :, cached], ring.values[:, :, cached], ring.global_linear_keys, ring.valid[:, cached],
+            ring.keys[:, :, cached], ring.values[:, :, cached], ring.global_features, ring.valid[:, cached],
             ring.keys.index_select(2, window_slot)[:, :, 0], ring.values.index_select(2, window_slot)[:, :, 0],
             leaving_key[:, :, 0], leaving_valid[:, 0], ring.linear, feature_map_k=feature_map_k, eps=eps,
         )  # fmt: skip
         leaving, leaving_value = swap.phi, swap.value
         for part, new in ((ring.keys[:, :, cached], swap.keys), (ring.values[:, :, cached], swap.values)):
             part.copy_(new)  # views: written in place
-        ring.global_linear_keys.copy_(swap.linear_keys)
+        ring.global_features.copy_(swap.features)
         ring.valid[:, cached].copy_(swap.valid)
     else:
         leaving = key_features(leaving_key, leaving_valid, feature_map_k, linear_heads)[:, :, 0]

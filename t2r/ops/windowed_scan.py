@@ -54,7 +54,7 @@ def scanned_windowed_attention(
     slot_valid = torch.cat([state.valid, sinks.window_valid], dim=1)  # [B, W + T]
     sink_allowed = sinks.visible(torch.arange(length, device=q.device))  # [B, T, S]
     linear = LinearAttentionState(state.linear.kv.clone(), state.linear.k_sum.clone())
-    cache = (state.global_keys, state.global_values, state.global_linear_keys, state.global_valid)
+    cache = (state.global_keys, state.global_values, state.global_features, state.global_valid)
     outputs = []
     for t in range(length):
         swap = exchange(
@@ -62,7 +62,7 @@ def scanned_windowed_attention(
             feature_map_k=feature_map_k, eps=eps,
         )  # fmt: skip
         evict_into_linear_(linear, swap.phi, swap.value, decay)
-        cache = (swap.keys, swap.values, swap.linear_keys, swap.valid)
+        cache = (swap.keys, swap.values, swap.features, swap.valid)
         in_window = slice(t + 1, t + 1 + window)  # the window after token t came: slots t+1 .. W+t
         out = hybrid_read(
             q[:, :, t],

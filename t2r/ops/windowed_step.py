@@ -132,14 +132,14 @@ def windowed_attention_step(
     linear_heads = state.linear.kv.shape[1]
     sinks = take_sinks(state, k[:, :, None], v[:, :, None], valid.bool()[:, None])
     linear = LinearAttentionState(state.linear.kv.clone(), state.linear.k_sum.clone())
-    cache = (state.global_keys, state.global_values, state.global_linear_keys, state.global_valid)
+    cache = (state.global_keys, state.global_values, state.global_features, state.global_valid)
     if state.global_slots:  # the oldest slot competes with the global cache (`ops.global_cache`)
         swap = exchange(
             *cache, state.keys[:, :, 0], state.values[:, :, 0], state.linear_keys[:, :, 0], state.valid[:, 0],
             state.linear, feature_map_k=feature_map_k, eps=eps,
         )  # fmt: skip
         leaving, leaving_value = swap.phi, swap.value
-        cache = (swap.keys, swap.values, swap.linear_keys, swap.valid)
+        cache = (swap.keys, swap.values, swap.features, swap.valid)
     else:
         leaving = key_features(state.linear_keys[:, :, :1], state.valid[:, :1], feature_map_k, linear_heads)[:, :, 0]
         leaving_value = repeat_heads(state.values[:, :, :1], linear_heads)[:, :, 0].float()  # [B, L, D]

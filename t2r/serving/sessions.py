@@ -63,10 +63,18 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], kinds: list[str]) -> Mo
             elif f"{index}.{field.name}" in tensors:
                 values[field.name] = tensors[f"{index}.{field.name}"]
             else:  # a session saved before the global cache existed: it has none
-                like = tensors[f"{index}.valid" if field.name == "global_valid" else f"{index}.keys"]
-                values[field.name] = like[:, :0] if field.name == "global_valid" else like[:, :, :0]
+                values[field.name] = _no_cache(tensors, index, field.name)
         layers.append(cls(**values))
     return ModelState(tuple(layers), tensors["seen"])
+
+
+def _no_cache(tensors: dict[str, torch.Tensor], index: int, name: str) -> torch.Tensor:
+    """An empty global cache tensor `name` shaped like layer `index`'s state (N = 0)."""
+    if name == "global_valid":
+        return tensors[f"{index}.valid"][:, :0]
+    if name == "global_features":
+        return tensors[f"{index}.linear.k_sum"][:, :, None, :][:, :, :0]
+    return tensors[f"{index}.keys"][:, :, :0]
 
 
 class SessionStore:
