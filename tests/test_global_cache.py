@@ -310,3 +310,44 @@ def test_the_compiled_decode_step_takes_a_cache() -> None:
     for t in range(20, 26):
         expected = fast_step(model, ids[:1, t], eager)
         assert (decoder(model, ids[:1, t], compiled) - expected).abs().max() <= LOGITS_TOLERANCE
+
+
+def test_requests_joining_a_running_batch_with_a_cache_decode_what_they_decode_alone() -> None:
+    """The server's scheduler (state slots, rows joining and leaving) on a model with a cache."""
+    from t2r.inference.generate import generate
+    from t2r.inference.sampling import Sampling
+    from t2r.inference.scheduler import Request, Scheduler
+    from tests.test_scheduler import prompts
+
+    torch.manual_seed(0)
+    model = trained_looking_model(converted("llama", "hedgehog", window=5)).with_global_cache(2)
+    greedy = Sampling(greedy=True)
+    requests = [Request(p, budget, greedy) for p, budget in zip(prompts(5), [12, 5, 9, 14, 7], strict=True)]
+    scheduler = Scheduler(model, max_batch=3)
+    arrivals, steps = {0: requests[:2], 3: requests[2:]}, 0
+    while scheduler.busy or arrivals:
+        for request in arrivals.pop(steps, []):
+            scheduler.submit(request)
+        scheduler.step()
+        steps += 1
+    for request in requests:
+        assert request.tokens == generate(model, request.prompt, request.max_new_tokens, greedy).new_tokens
+
+
+def test_transformers_generate_carries_a_cache_in_its_state(tmp_path) -> None:
+    """A folder saved with a global cache, loaded by transformers: `generate()` (T2RCache) emits
+    what t2r's own generate emits."""
+    from transformers import AutoModelForCausalLM
+
+    from t2r.inference.generate import generate_batch
+    from t2r.inference.sampling import Sampling
+    from tests.test_transformers_model import PROMPTS, batch, saved_model
+
+    model = AutoModelForCausalLM.from_pretrained(saved_model(tmp_path / "cached", global_cache=2))
+    assert model.t2r.config.global_cache == 2
+    ids, mask = batch()
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    expected = generate_batch(model.t2r, [torch.tensor(p) for p in PROMPTS], 24, Sampling(greedy=True))
+    assert out[:, ids.shape[1] :].tolist() == [result.new_tokens for result in expected]
