@@ -36,6 +36,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--max-queue", type=int_at_least(0), default=64, help="requests waiting; more get 429")
     parser.add_argument("--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens allowed")
     parser.add_argument("--max-body-kb", type=positive_int, default=4096, help="largest request body")
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=8192,
+                        help="longest prompt in tokens (a session's history included), refused before any "
+                        "work with 400 context_length_exceeded")  # fmt: skip
     parser.add_argument("--prefix-block", type=int_at_least(0), default=256,
                         help="prompt-prefix states are kept at multiples of this many tokens (0: none)")  # fmt: skip
     parser.add_argument("--prefix-cache-mb", type=int_at_least(0), default=512, help="bytes of prefix states kept")

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from t2r.serving.engine import Engine
 from t2r.serving.limits import BodyLimit
 from t2r.serving.metrics import Metrics
-from t2r.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from t2r.serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body, internal_error
 from t2r.serving.responses import ChatShape, CompletionShape, Shape
 from t2r.serving.runs import Run
 from t2r.serving.sessions import SessionStore
@@ -35,6 +35,9 @@ class Settings:
     max_tokens_limit: int = 4096
     api_key: str | None = None
     max_body_bytes: int = 4 * 2**20
+    # The prefill's work and an echo's logits grow with a prompt: its length is checked once it is
+    # tokenised, before any of that work (a session's history counts: its state holds those tokens).
+    max_prompt_tokens: int = 8192
 
 
 def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: frozenset[int],
@@ -70,7 +73,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal error: {error}", "server_error"), status_code=500)
+        answer = internal_error(error)  # logged with its traceback; the client gets an id, no internals
+        return JSONResponse(answer.body(), status_code=answer.status)
 
     routes: set[str] = set()  # the app's own paths, filled below: metrics label these, never a client's raw path
 
@@ -142,6 +146,14 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise OpenAIError(400, f"token ids must be in [0, {vocab})", param="prompt")
         return prompts
+
+    def check_length(prompts: list[list[int]], history: int) -> None:
+        """Every prompt (after `history` tokens of a session) within --max-prompt-tokens."""
+        longest = history + max(len(p) for p in prompts)
+        if longest > settings.max_prompt_tokens:
+            raise OpenAIError(400, f"the prompt is {longest} tokens; this server takes at most "
+                              f"{settings.max_prompt_tokens}", param="prompt",
+                              code="context_length_exceeded")  # fmt: skip
 
     def claim(name: str | None, count: int) -> Any:
         """The session to continue (None: a new one), claimed for this request."""
@@ -219,6 +231,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         session = claim(body.session, body.n * (1 if single else len(body.prompt)))
         try:
             prompts = prompt_ids(body.prompt, continuing=session is not None)
+            check_length(prompts, session.tokens if session else 0)
             if session is not None and session.kind != "completion":
                 raise OpenAIError(400, f"session '{body.session}' is a chat: continue it on /v1/chat/completions")
             admit(len(prompts) * body.n)
@@ -244,6 +257,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
             if session is not None and session.kind != "chat":
                 raise OpenAIError(400, f"session '{body.session}' is a completion: continue it on /v1/completions")
             ids = chat_continuation(tokenizer, messages) if session else chat_prompt(tokenizer, messages)
+            check_length([ids], session.tokens if session else 0)
             admit(body.n)
             top = (body.top_logprobs or 0) if body.logprobs else None
             start = session.state if session else None

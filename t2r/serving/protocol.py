@@ -6,9 +6,13 @@ newer fields still work; fields t2r cannot honour with a different meaning are r
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
 
 
 class OpenAIError(Exception):
@@ -21,6 +25,14 @@ class OpenAIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.kind, self.param, self.code)
+
+
+def internal_error(error: BaseException) -> OpenAIError:
+    """A fault's answer: a 500 that names a request id and nothing of the fault (no exception text,
+    no internals); the fault, its traceback and the id go to the server's log."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s failed", request_id, exc_info=(type(error), error, error.__traceback__))
+    return OpenAIError(500, f"internal error (request id {request_id}: see the server's log)", kind="server_error")
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from t2r.inference.sampling import Sampling
 from t2r.inference.scheduler import Request
 from t2r.ops.state import ModelState
 from t2r.serving.engine import Engine, Job
-from t2r.serving.protocol import OpenAIError, SamplingFields
+from t2r.serving.protocol import SamplingFields, internal_error
 from t2r.serving.text import TextStream
 
 
@@ -135,7 +135,7 @@ class Run:
             finish, error = payload
             self.running -= 1
             if finish == "error":
-                raise OpenAIError(500, f"decoding failed: {error}", kind="server_error")
+                raise internal_error(error)
             if choice.finish is None:
                 choice.finish = "stop" if finish == "stop" else "length" if finish == "length" else finish
                 yield Update(index, choice.stream.flush(), [], choice.finish)

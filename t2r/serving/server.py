@@ -60,7 +60,7 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     metrics = Metrics()
     engine, sessions = build_engine(model, args, metrics, name)
     settings = Settings(name, args.max_batch, args.max_queue, args.max_tokens_limit, args.api_key,
-                        args.max_body_kb * 1024)  # fmt: skip
+                        args.max_body_kb * 1024, args.max_prompt_tokens)  # fmt: skip
     app = create_app(engine, tokenizer, settings, eos_ids(tokenizer, model), metrics, sessions)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
