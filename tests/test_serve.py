@@ -139,6 +139,7 @@ def test_a_chat_session_continues_and_survives_a_restart(model, tmp_path) -> Non
         kept = api.chat.completions.create(model=NAME, messages=second, extra_body={"session": "s"}, **options)
         files = list(tmp_path.glob("*.safetensors"))
         assert len(files) == 1
+        assert files[0].stat().st_mode & 0o777 == 0o600  # a conversation is its owner's to read
         size = files[0].stat().st_size
     tokenizer = tiny_tokenizer()
     continuation = tokenizer.apply_chat_template(

@@ -138,13 +138,16 @@ def load_converted_model(folder: str | Path) -> T2RForCausalLM:
     return model.eval()
 
 
-def write_atomically(path: Path, write: Any) -> None:
-    """Call write(temporary path) and rename the result onto `path`: complete or absent."""
+def write_atomically(path: Path, write: Any, private: bool = False) -> None:
+    """Call write(temporary path) and rename the result onto `path`: complete or absent.
+    private: the file stays readable by its owner only (0600, as mkstemp makes it); else the
+    mode a new file gets under the process umask."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     os.close(handle)
     try:
         write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes it private; a model file should not be
+        if not private:  # mkstemp makes it private; a model file should not be
+            os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -152,6 +155,14 @@ def write_atomically(path: Path, write: Any) -> None:
 
 
 def current_umask() -> int:
+    """The process umask, read without changing it where the kernel says it (Linux); elsewhere set
+    and restored at once (a moment in which another thread's new file would get mode 0666)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return umask

@@ -140,7 +140,8 @@ class SessionStore:
             "layers": json.dumps(kinds), "model": self.model_id,
         }  # fmt: skip
         payload = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
-        write_atomically(self.path(name), lambda temporary: temporary.write_bytes(payload))
+        # 0600: a conversation's state is its owner's (and the umask is never touched to get there)
+        write_atomically(self.path(name), lambda temporary: temporary.write_bytes(payload), private=True)
 
     def _read(self, name: str, device: torch.device | str) -> Session:
         path = self.path(name)
