@@ -402,3 +402,43 @@ def test_a_sessions_dir_that_cannot_be_made_is_one_line(converted_folder, tmp_pa
     assert main(["serve", str(converted_folder), "--sessions-dir", str(blocker / "sessions")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("t2r: error: --sessions-dir")
+
+
+def test_a_fault_of_the_decode_loop_fails_the_rows_it_held_and_the_loop_goes_on(model, monkeypatch) -> None:
+    """A fault outside any one request's guard (injected into the scheduler's step, once): the rows
+    held answer 500 with a request id, and the next request is served."""
+    from t2r.inference.scheduler import Scheduler
+
+    real, calls = Scheduler.step, []
+
+    def faulty(self) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected loop fault")
+        real(self)
+
+    monkeypatch.setattr(Scheduler, "step", faulty)
+    with serving(model) as server:
+        failed = post(server, "completions", {"model": NAME, "prompt": "Call", "max_tokens": 20, "ignore_eos": True})
+        assert failed.status_code == 500 and "request id" in failed.json()["error"]["message"]
+        assert "injected" not in failed.text
+        assert client(server).completions.create(model=NAME, prompt="x", max_tokens=3).choices[0].finish_reason
+        assert httpx2.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_decode_loop_that_cannot_go_on_turns_health_503_and_refuses_work(model, monkeypatch) -> None:
+    from t2r.serving.engine import Engine
+
+    def broken(self, block: bool) -> None:
+        time.sleep(0.01)
+        raise RuntimeError("injected: the loop cannot go on")
+
+    monkeypatch.setattr(Engine, "_take_inbox", broken)
+    with serving(model) as server:
+        deadline = time.monotonic() + 10
+        while server.engine.broken is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx2.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "broken"
+        refused = post(server, "completions", {"model": NAME, "prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503

@@ -12,7 +12,7 @@ from typing import Any
 
 from t2r.cli.common import Formatter, int_at_least, positive_int
 from t2r.cli.generate import add_decode_flags
-from t2r.errors import UsageError
+from t2r.errors import T2RError, UsageError
 
 log = logging.getLogger("t2r.serve")
 
@@ -68,5 +68,7 @@ def run(args: argparse.Namespace) -> None:
     # one, so that a drained server exits 0 as a supervisor expects (Ctrl-C still ends with 130).
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    if server.t2r_app.state.engine.broken is not None:  # a supervisor should restart it
+        raise T2RError("the decode loop failed repeatedly (the log has each traceback); the server stopped")
     print("t2r serve: drained, stopped", file=sys.stderr)
     del uvicorn

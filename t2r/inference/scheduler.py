@@ -133,6 +133,21 @@ class Scheduler:
         if request in self.waiting:
             self.waiting.remove(request)
 
+    def fail_all(self, error: BaseException) -> None:
+        """Every request held, waiting or decoding, fails with `error` and leaves (after a fault the
+        batch's state cannot be trusted); the scheduler is empty and ready for new requests."""
+        for request in [*self.waiting, *self.active]:
+            if request.finish is None:
+                request.fail(error)
+        self.waiting.clear()
+        if self.active:
+            if self.logits is None:  # a fault between a step's parts: nothing to keep anyway
+                self.active, self._joined = [], None
+                if self.slots is not None:
+                    self.slots.active = 0
+            else:
+                self._keep([])
+
     @property
     def busy(self) -> bool:
         return bool(self.active or self.waiting)

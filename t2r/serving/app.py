@@ -50,6 +50,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
 
     app = FastAPI(title="t2r", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.draining = False
+    app.state.engine = engine
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     metrics.active_rows.set_function(lambda: engine.active())
     metrics.queue_length.set_function(lambda: engine.waiting())
@@ -93,7 +94,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                                    code="invalid_api_key"), status_code=401)  # fmt: skip
                     metrics.requests.labels(label, "401").inc()
                     return response
-            if app.state.draining and request.method == "POST":
+            if (app.state.draining or engine.broken is not None) and request.method == "POST":
                 metrics.requests.labels(label, "503").inc()
                 return JSONResponse(error_body("the server is shutting down", "server_error"), status_code=503)
         response = await call_next(request)
@@ -102,9 +103,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         return response
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "draining" if app.state.draining else "ok", "model": settings.model_name,
-                "active_rows": engine.active(), "queued": engine.waiting()}  # fmt: skip
+    async def health() -> Response:
+        status = "broken" if engine.broken is not None else "draining" if app.state.draining else "ok"
+        body = {"status": status, "model": settings.model_name, "active_rows": engine.active(),
+                "queued": engine.waiting()}  # fmt: skip
+        return JSONResponse(body, status_code=503 if engine.broken is not None else 200)
 
     @app.get("/metrics")
     async def metrics_text() -> Response:

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,9 @@ from t2r.serving.prefix_cache import PrefixCache, segmented_prefill
 from t2r.serving.sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
+# Faults of the decode loop in a row (outside any one request) after which it stops for good: the
+# server then answers 503 and exits non-zero, for a supervisor to restart it.
+MAX_LOOP_FAULTS = 3
 
 
 @dataclass(eq=False)
@@ -75,6 +79,8 @@ class Engine:
         self._inbox: queue.Queue[tuple[str, Job]] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="t2r-decode", daemon=True)
         self._stopping = threading.Event()
+        self.broken: BaseException | None = None  # set when the decode loop has stopped for good
+        self.on_broken: Callable[[], None] = lambda: None  # the server's: stop, exit non-zero
         metrics.state_bytes.set(self.scheduler.state_bytes())
 
     # --- any thread -------------------------------------------------------------------------
@@ -104,17 +110,60 @@ class Engine:
 
     # --- the decode thread ------------------------------------------------------------------
     def _run(self) -> None:
+        """The loop, supervised: a fault outside any one request's own guard fails the rows held
+        then (logged with its traceback) and the loop goes on; MAX_LOOP_FAULTS in a row and it stops
+        for good (`broken`), failing what waits, and tells the server (`on_broken`)."""
         torch.set_grad_enabled(False)
+        faults = 0
         while not self._stopping.is_set():
-            self._take_inbox(block=not self.scheduler.busy)
-            if not self.scheduler.busy:
-                continue
-            steps_before, seconds_before = self.scheduler.steps, self.scheduler.step_seconds
-            self.scheduler.step()
-            if self.scheduler.steps > steps_before:
-                self.metrics.step_seconds.observe(self.scheduler.step_seconds - seconds_before)
-            self._report_finished()
-            self.metrics.active_rows.set(len(self.scheduler.active))
+            try:
+                self._cycle()
+                faults = 0
+            except Exception as error:
+                faults += 1
+                log.exception("the decode loop failed (%d in a row); the requests it held fail", faults)
+                try:
+                    self._fail_held(error)
+                except Exception:  # counted as the loop's own fault: the next ones decide
+                    log.exception("could not fail the requests held")
+                if faults >= MAX_LOOP_FAULTS:
+                    log.critical("the decode loop cannot go on: the server stops")
+                    self.broken = error
+                    self._refuse_inbox(error)
+                    self.on_broken()
+                    return
+
+    def _cycle(self) -> None:
+        self._take_inbox(block=not self.scheduler.busy)
+        if not self.scheduler.busy:
+            return
+        steps_before, seconds_before = self.scheduler.steps, self.scheduler.step_seconds
+        self.scheduler.step()
+        if self.scheduler.steps > steps_before:
+            self.metrics.step_seconds.observe(self.scheduler.step_seconds - seconds_before)
+        self._report_finished()
+        self.metrics.active_rows.set(len(self.scheduler.active))
+
+    def _fail_held(self, error: BaseException) -> None:
+        self.scheduler.fail_all(error)
+        self._report_finished()
+
+    def _refuse_inbox(self, error: BaseException) -> None:
+        """After the loop stopped: every request it still held or that is in the inbox fails."""
+        for job in self._jobs.values():
+            with self._lock:
+                self._outstanding -= 1
+            job.post("done", ("error", error))
+        self._jobs.clear()
+        while True:
+            try:
+                command, job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command == "submit":
+                with self._lock:
+                    self._outstanding -= 1
+                job.post("done", ("error", error))
 
     def _take_inbox(self, block: bool) -> None:
         try:

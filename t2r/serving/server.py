@@ -76,4 +76,11 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
         f"weights {args.weights}{', compiled' if args.compile else ''}; "
         f"{'API key required' if args.api_key else 'no API key'}"
     )
-    return DrainingServer(config, app), summary
+    server = DrainingServer(config, app)
+
+    def broken() -> None:  # the decode loop stopped for good: stop serving (t2r serve then exits 1)
+        app.state.draining = True
+        server.should_exit = True
+
+    engine.on_broken = broken
+    return server, summary
