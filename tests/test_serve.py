@@ -442,3 +442,21 @@ def test_a_decode_loop_that_cannot_go_on_turns_health_503_and_refuses_work(model
         assert health.status_code == 503 and health.json()["status"] == "broken"
         refused = post(server, "completions", {"model": NAME, "prompt": "x", "max_tokens": 2})
         assert refused.status_code == 503
+
+
+@torch.no_grad()
+def test_prompt_scoring_holds_one_segment_of_logits_at_a_time(model) -> None:
+    """Echo + logprobs of a long prompt: the prefill hands over logits [<= SCORE_SEGMENT, V] per
+    segment (never [T, V]), and together they are the whole prompt's, as one forward makes them.
+    (The same products in other segment sizes: 1e-4 on logits of order 1-10, as in test_model.)"""
+    from t2r.serving.prefix_cache import SCORE_SEGMENT, segmented_prefill
+
+    ids = torch.randint(3, 200, (700,), generator=torch.Generator().manual_seed(2))
+    pieces: list[tuple[int, torch.Tensor]] = []
+    last, _, _ = segmented_prefill(
+        model, ids, 0, None, each_segment=lambda logits, start: pieces.append((start, logits))
+    )
+    assert max(p.shape[0] for _, p in pieces) <= SCORE_SEGMENT and [s for s, _ in pieces] == [0, 256, 512]
+    whole, _ = model(ids[None], form="chunked")
+    assert (torch.cat([p for _, p in pieces]) - whole[0]).abs().max() <= 1e-4
+    assert torch.equal(last[0], pieces[-1][1][-1])

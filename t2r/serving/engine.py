@@ -219,26 +219,34 @@ class Engine:
 
     def _prefill(self, model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
         job = self._jobs[request]
+        scored: list[tuple[float, dict[int, float]]] = []
+        score = None
+        if job.score_prompt is not None:  # echo + logprobs: segment by segment, [S, V] at a time
+
+            def score(logits: torch.Tensor, start: int, top: int = job.score_prompt) -> None:
+                following = request.prompt[start + 1 : start + 1 + logits.shape[0]]  # what each position predicts
+                scored.extend(prompt_logprobs(logits[: len(following)], following, top))
+
         logits, state, cached = segmented_prefill(
             model,
             request.prompt,
             self.prefix_block,
             self.prefix_cache if request.start_state is None else None,
             request.start_state,
-            all_logits=job.score_prompt is not None,
+            each_segment=score,
         )
         job.cached_tokens = cached
         self.metrics.prefix_cached_tokens.inc(cached)
         if job.score_prompt is not None:
-            job.prompt_logprobs = prompt_logprobs(logits, request.prompt, job.score_prompt)
-            logits = logits[-1:]
+            job.prompt_logprobs = scored
         return logits, state
 
 
-def prompt_logprobs(logits: torch.Tensor, ids: torch.Tensor, top: int) -> list[tuple[float, dict[int, float]]]:
-    """logits [T, V] of a prompt ids [T] -> for tokens 1..T-1: (log p(token), top-k {id: log p})."""
-    logp = torch.log_softmax(logits[:-1].float(), -1)  # position t predicts token t + 1
-    chosen = logp.gather(1, ids[1:, None].to(logp.device))[:, 0].tolist()
+def prompt_logprobs(logits: torch.Tensor, following: torch.Tensor, top: int) -> list[tuple[float, dict[int, float]]]:
+    """logits [n, V] of n positions and the tokens that follow them, following [n] -> per position:
+    (log p(the token that follows), top-k {id: log p})."""
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(1, following[:, None].to(logp.device))[:, 0].tolist()
     if top > 0:
         values, indices = logp.topk(top, dim=-1)
         tops = [dict(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]

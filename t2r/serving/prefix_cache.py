@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -64,6 +65,10 @@ def prefix_keys(ids: torch.Tensor, block: int) -> list[tuple[int, bytes]]:
     return keys
 
 
+# Prompt scoring (echo + logprobs) prefills in segments of at most this many tokens: [S, V] logits at a time.
+SCORE_SEGMENT = 256
+
+
 @torch.no_grad()
 def segmented_prefill(
     model: T2RForCausalLM,
@@ -71,18 +76,20 @@ def segmented_prefill(
     block: int,
     cache: PrefixCache | None,
     state: ModelState | None = None,
-    all_logits: bool = False,
+    each_segment: Callable[[torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor, ModelState, int]:
     """Prefill ids [T] from `state` in segments ending at multiples of `block`.
 
-    Without a starting state, the longest cached prefix is used (unless `all_logits`: the logits of
-    every position are needed) and the states at the boundaries passed are cached. Returns the
-    logits (all_logits: [T, V] of every position; else [1, V] of the last one), the state after
-    ids, and how many tokens came from the cache.
+    Without a starting state, the longest cached prefix is used (unless `each_segment`: every
+    position's logits are needed) and the states at the boundaries passed are cached. With
+    `each_segment(logits [n, V], start)`, every segment's logits go there as they are made, in
+    segments of at most SCORE_SEGMENT tokens, and none is kept: scoring a prompt (echo + logprobs)
+    holds [SCORE_SEGMENT, V] at a time, never [T, V]. Returns the last position's logits [1, V],
+    the state after ids, and how many tokens came from the cache.
     """
     keys = prefix_keys(ids, block) if state is None and block > 0 else []
     start = 0
-    if cache is not None and keys and not all_logits:
+    if cache is not None and keys and each_segment is None:
         for end, key in reversed(keys):
             found = cache.get(key)
             if found is not None:
@@ -94,15 +101,17 @@ def segmented_prefill(
             cache.misses += 1
     cached = start
     ends = [end for end, _ in keys if end > start] + [len(ids)]
+    if each_segment is not None:  # also every SCORE_SEGMENT tokens: bounded logits
+        ends = sorted(set(ends) | set(range(SCORE_SEGMENT, len(ids), SCORE_SEGMENT)))
     key_at = dict(keys)
-    pieces = []
+    logits = None
     for end in ends:
         segment = ids[start:end][None].to(model.device)
-        logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if all_logits else 1)
-        pieces.append(logits[0])
+        logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if each_segment else 1)
+        if each_segment is not None:
+            each_segment(logits[0], start)
         if cache is not None and end in key_at:
             cache.put(key_at[end], state)
         start = end
-    assert state is not None
-    logits = torch.cat(pieces) if all_logits else pieces[-1][-1:]
-    return logits, state, cached
+    assert state is not None and logits is not None
+    return logits[0, -1:], state, cached
