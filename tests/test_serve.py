@@ -460,3 +460,21 @@ def test_prompt_scoring_holds_one_segment_of_logits_at_a_time(model) -> None:
     whole, _ = model(ids[None], form="chunked")
     assert (torch.cat([p for _, p in pieces]) - whole[0]).abs().max() <= 1e-4
     assert torch.equal(last[0], pieces[-1][1][-1])
+
+
+def test_text_streams_decode_each_token_once_and_match_the_whole_decode() -> None:
+    """Incremental detokenisation (DecodeStream) against decoding the whole answer per token: the
+    same pieces, UTF-8 characters split over tokens held back, stop strings cut alike."""
+    from t2r.serving.text import TextStream
+
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("Hello wörld, ünïcode ✓ text. STOP here", add_special_tokens=False).input_ids
+    for stop in ([], [" STOP"]):
+        incremental, whole = TextStream(tokenizer, stop), TextStream(tokenizer, stop)
+        whole._decoder = None  # the fallback: the whole answer decoded each time
+        assert incremental._decoder is not None
+        got = [incremental.push(token) for token in ids] + [incremental.flush()]
+        expected = [whole.push(token) for token in ids] + [whole.flush()]
+        assert got == expected
+        text = "".join(got)
+        assert text == ("Hello wörld, ünïcode ✓ text." if stop else tokenizer.decode(ids, skip_special_tokens=True))

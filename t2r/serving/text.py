@@ -13,11 +13,19 @@ class TextStream:
 
     `push(token)` returns the text that is now safe to send: never a partial UTF-8 character, and
     never the first characters of what may still become a stop string. `stopped` is set once a stop
-    string appears; the text ends before it.
+    string appears; the text ends before it. Each token is decoded once, incrementally (`tokenizers`'
+    DecodeStream), not the whole answer again per token; a tokenizer without a Rust backend, or one
+    that cleans up spaces after decoding, is decoded whole each time (the same text either way).
     """
 
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer, self.stop = tokenizer, stop
+        self._backend = getattr(tokenizer, "_tokenizer", None)
+        incremental = self._backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decoder = DecodeStream(skip_special_tokens=True) if incremental else None
+        self._decoded = ""  # the incremental decoder's text so far
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far (up to a stop string)
         self.sent = 0  # characters of `text` already returned
@@ -29,9 +37,16 @@ class TextStream:
             return ""
         self.offsets.append(len(self.text))
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
+        if self._decoder is not None:
+            piece = self._decoder.step(self._backend, token)
+            if piece is None:  # an incomplete UTF-8 sequence: wait for the next token
+                return ""
+            self._decoded += piece
+            text = self._decoded
+        else:
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                return ""
         self.text = text
         for stop in self.stop:
             at = self.text.find(stop, max(0, self.sent - len(stop)))
