@@ -478,3 +478,50 @@ def test_text_streams_decode_each_token_once_and_match_the_whole_decode() -> Non
         assert got == expected
         text = "".join(got)
         assert text == ("Hello wörld, ünïcode ✓ text." if stop else tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def test_a_session_ended_by_a_stop_string_keeps_the_state_after_the_tokens_returned(served: Served, model) -> None:
+    """The engine decodes ahead of the stop string's discovery; the kept state must still end at
+    the token that completed the stop string (what the client was given), as a prefill of the
+    prompt and those tokens makes it. (Another segmentation of the same products: 1e-4.)"""
+    from tests.test_model import state_tensors
+
+    api = client(served)
+    free = api.completions.create(model=NAME, prompt="Call me Ishmael.", max_tokens=24, **GREEDY).choices[0]
+    assert len(free.text) > 6, free.text
+    prompt = free.prompt_token_ids
+    stop, tokenizer = free.text[3:6], tiny_tokenizer()
+    given = next(n for n in range(1, 25) if stop in tokenizer.decode(free.token_ids[:n], skip_special_tokens=True))
+    extra = {"ignore_eos": True, "session": "stopped"}
+    reply = api.completions.create(
+        model=NAME, prompt=prompt, max_tokens=24, stop=[stop], extra_body=extra, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    session = served.engine.sessions.get("stopped")
+    assert session.tokens == len(prompt) + given == int(session.state.seen[0])
+    with torch.no_grad():
+        _, expected = model(torch.tensor([prompt + free.token_ids[:given]]), form="chunked")
+    for kept, made in zip(session.state.layers, expected.layers, strict=True):
+        for a, b in zip(state_tensors(kept), state_tensors(made), strict=True):
+            assert (a - b).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_a_session_state_is_cut_back_to_the_tokens_returned(model) -> None:
+    """The engine's rule, run directly: a job that decoded 6 tokens but whose client was given 2
+    (a stop string) keeps the state after the prompt and those 2, not after all 6."""
+    from t2r.inference.scheduler import Request
+    from t2r.serving.engine import Engine, Job
+    from t2r.serving.metrics import Metrics
+    from tests.test_model import state_tensors
+
+    prompt = torch.tensor([5, 17, 33, 80, 81])
+    request = Request(prompt, 6, keep_state=True, tokens=[9, 10, 11, 12, 13, 14])
+    request.final_state = model(torch.cat([prompt, torch.tensor(request.tokens)])[None], form="chunked")[1]
+    job = Job(request, asyncio.new_event_loop(), asyncio.Queue(), keep_tokens=2)
+    state, kept = Engine(model, 1, Metrics())._session_state(job)
+    _, expected = model(torch.tensor([[5, 17, 33, 80, 81, 9, 10]]), form="chunked")
+    assert kept == 2 and int(state.seen[0]) == 7
+    for mine, made in zip(state.layers, expected.layers, strict=True):
+        for a, b in zip(state_tensors(mine), state_tensors(made), strict=True):
+            assert (a - b).abs().max() <= 1e-4  # another segmentation of the same products

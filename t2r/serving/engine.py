@@ -47,6 +47,7 @@ class Job:
     session_tokens: int = 0  # tokens the starting state had seen
     prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
     cached_tokens: int = 0
+    keep_tokens: int | None = None  # a session keeps the state after this many new tokens (a stop string's)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
@@ -97,7 +98,10 @@ class Engine:
             self._outstanding += 1
         self._inbox.put(("submit", job))
 
-    def cancel(self, job: Job, finish: str = "cancelled") -> None:
+    def cancel(self, job: Job, finish: str = "cancelled", keep_tokens: int | None = None) -> None:
+        """End a job; keep_tokens: the tokens its client was given (a stop string ended the text),
+        after which a session's kept state must end, whatever was decoded since."""
+        job.keep_tokens = keep_tokens
         self._inbox.put((finish, job))
 
     def waiting(self) -> int:
@@ -201,14 +205,28 @@ class Engine:
                 self._outstanding -= 1
             if job.session is not None and request.final_state is not None and self.sessions is not None:
                 try:
-                    tokens = job.session_tokens + len(request.prompt) + len(request.tokens)
-                    self.sessions.put(job.session, Session(request.final_state, job.session_kind, tokens))
+                    state, kept = self._session_state(job)
+                    tokens = job.session_tokens + len(request.prompt) + kept
+                    self.sessions.put(job.session, Session(state, job.session_kind, tokens))
                 except Exception as error:  # the response is complete; the session is not kept
                     log.exception("could not keep session %s", job.session)
                     request.fail(error)
             if request.finish == "cancelled":
                 self.metrics.cancelled.inc()
             job.post("done", (request.finish, request.error))
+
+    def _session_state(self, job: Job) -> tuple[ModelState, int]:
+        """The state a session keeps and the new tokens it has seen: the request's final state, or,
+        when a stop string ended the text before the last tokens decoded, the state after exactly
+        the tokens returned (prefilled again from the turn's start: a recurrent state cannot forget)."""
+        request = job.request
+        assert request.final_state is not None
+        if job.keep_tokens is None or job.keep_tokens >= len(request.tokens):
+            return request.final_state, len(request.tokens)
+        kept = torch.tensor(request.tokens[: job.keep_tokens], dtype=request.prompt.dtype, device=request.prompt.device)
+        ids = torch.cat([request.prompt, kept])
+        _, state, _ = segmented_prefill(self.model, ids, 0, None, request.start_state)
+        return state, job.keep_tokens
 
     def _batchable(self, request: Request) -> bool:
         """A prompt with no prefix-state boundary inside it (shorter than a block), no session and no

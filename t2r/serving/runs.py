@@ -129,7 +129,7 @@ class Run:
                 choice.logprobs += new
                 if choice.stream.stopped:
                     choice.finish = "stop"
-                    self.engine.cancel(choice.job, "stop")
+                    self.engine.cancel(choice.job, "stop", keep_tokens=choice.sent_tokens)
                 yield Update(index, text, new)
                 continue
             finish, error = payload
