@@ -60,12 +60,14 @@ def serving(
     max_tokens_limit: int = 512,
     max_body_bytes: int = 2**20,
     max_prompt_tokens: int = 2048,
+    api_keys: dict[str, str] | None = None,
 ) -> Iterator[Served]:
     metrics = Metrics()
     sessions = SessionStore(2**28, sessions_dir, model_id=NAME)
     engine = Engine(model, max_batch, metrics, prefix_cache=PrefixCache(2**28), prefix_block=prefix_block,
                     sessions=sessions)  # fmt: skip
-    settings = Settings(NAME, max_batch, max_queue, max_tokens_limit, api_key, max_body_bytes, max_prompt_tokens)
+    settings = Settings(NAME, max_batch, max_queue, max_tokens_limit, api_key, max_body_bytes, max_prompt_tokens,
+                        api_keys or {})  # fmt: skip
     app = create_app(engine, tiny_tokenizer(), settings, EOS, metrics, sessions)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

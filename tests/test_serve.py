@@ -525,3 +525,43 @@ def test_a_session_state_is_cut_back_to_the_tokens_returned(model) -> None:
     for mine, made in zip(state.layers, expected.layers, strict=True):
         for a, b in zip(state_tensors(mine), state_tensors(made), strict=True):
             assert (a - b).abs().max() <= 1e-4  # another segmentation of the same products
+
+
+def test_tenants_keep_their_sessions_and_cached_prefixes_to_themselves(model) -> None:
+    """Two tenants (--api-keys): the same session name is two sessions; a prompt prefix one tenant
+    cached is not the other's (no `cached_tokens` side channel), nor another `cache_salt`'s."""
+    prompt = [5, 17, 33, 80, 81, 90, 91, 12, 44, 45, 46, 47, 60, 61, 62, 63, 64, 65, 66, 67]  # 2 prefix blocks
+    with serving(model, api_keys={"ka": "alice", "kb": "bob"}) as server:
+        alice, bob = client(server, "ka"), client(server, "kb")
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "kc").models.list()
+
+        def complete(api, **extra):
+            extra = {"ignore_eos": True, "return_token_ids": True, **extra}
+            reply = api.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, extra_body=extra)
+            return reply.choices[0].token_ids, reply.usage.prompt_tokens_details.cached_tokens
+
+        first, _ = complete(alice, session="s")
+        alone, cached = complete(alice)  # the same prompt again: its prefix states are alice's now
+        assert cached > 0 and alone == first
+        assert complete(bob)[1] == 0  # bob's prompt never reads alice's prefix states
+        assert complete(alice, cache_salt="other")[1] == 0
+        continued, _ = complete(bob, session="s")  # bob's "s" is a new session, not alice's
+        assert continued == first
+        sessions = server.engine.sessions._sessions
+        assert sessions["alice\ns"].tokens == sessions["bob\ns"].tokens == len(prompt) + 4
+
+
+def test_an_api_keys_file_is_read_or_refused_in_one_line(tmp_path) -> None:
+    from t2r.errors import UsageError
+    from t2r.serving.server import read_api_keys
+
+    good = tmp_path / "keys"
+    good.write_text("# key tenant\nk1 alice\n\nk2 bob  # the second\n")
+    assert read_api_keys(good) == {"k1": "alice", "k2": "bob"}
+    for text, words in (("k1\n", "expected `KEY TENANT`"), ("k1 a\nk1 b\n", "twice"), ("# none\n", "no keys")):
+        good.write_text(text)
+        with pytest.raises(UsageError, match=words):
+            read_api_keys(good)
+    with pytest.raises(UsageError, match="cannot read"):
+        read_api_keys(tmp_path / "missing")

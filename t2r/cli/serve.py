@@ -31,6 +31,14 @@ def add_parser(commands: Any) -> None:
         default=os.environ.get("T2R_API_KEY"),
         help="require `Authorization: Bearer KEY` on /v1 (default: $T2R_API_KEY; none: open)",
     )
+    parser.add_argument(
+        "--api-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="one `KEY TENANT` pair a line (# comments): each tenant's sessions and cached prompt prefixes "
+        "are its own (with --api-key, that key is one more tenant)",
+    )
     parser.add_argument("--served-model-name", help="the model id clients name (default: the folder's name)")
     parser.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int_at_least(0), default=64, help="requests waiting; more get 429")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +27,8 @@ from t2r.serving.runs import Run
 from t2r.serving.sessions import SessionStore
 from t2r.serving.text import chat_continuation, chat_prompt
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Settings:
@@ -38,6 +41,15 @@ class Settings:
     # The prefill's work and an echo's logits grow with a prompt: its length is checked once it is
     # tokenised, before any of that work (a session's history counts: its state holds those tokens).
     max_prompt_tokens: int = 8192
+    # --api-keys: key -> tenant. Sessions and prefix-cache states are the tenant's alone. (--api-key
+    # is one key of the unnamed tenant "", as before tenants existed.)
+    api_keys: dict[str, str] = field(default_factory=dict)
+
+    def tenants(self) -> dict[str, str]:
+        keys = dict(self.api_keys)
+        if self.api_key is not None:
+            keys[self.api_key] = ""
+        return keys
 
 
 def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: frozenset[int],
@@ -78,6 +90,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         return JSONResponse(answer.body(), status_code=answer.status)
 
     routes: set[str] = set()  # the app's own paths, filled below: metrics label these, never a client's raw path
+    tenants = settings.tenants()
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Response:
@@ -85,15 +98,18 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         if not routes:
             routes.update(getattr(route, "path", "") for route in app.routes)
         label = path if path in routes else "other"  # bounded: a label per route, not per path a client makes up
+        request.state.tenant = ""
         if path.startswith("/v1/"):
-            if settings.api_key is not None:
+            if tenants:
                 header = request.headers.get("authorization", "")
-                if header != f"Bearer {settings.api_key}":
+                key = header[len("Bearer ") :] if header.startswith("Bearer ") else None
+                if key not in tenants:
                     response: Response = JSONResponse(
                         error_body("missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error",
                                    code="invalid_api_key"), status_code=401)  # fmt: skip
                     metrics.requests.labels(label, "401").inc()
                     return response
+                request.state.tenant = tenants[key]
             if (app.state.draining or engine.broken is not None) and request.method == "POST":
                 metrics.requests.labels(label, "503").inc()
                 return JSONResponse(error_body("the server is shutting down", "server_error"), status_code=503)
@@ -158,8 +174,19 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                               f"{settings.max_prompt_tokens}", param="prompt",
                               code="context_length_exceeded")  # fmt: skip
 
-    def claim(name: str | None, count: int) -> Any:
-        """The session to continue (None: a new one), claimed for this request."""
+    def session_key(http: Request, name: str | None) -> str | None:
+        """The store's key of a session name: the tenant's own namespace (no tenant: the name)."""
+        tenant = http.state.tenant
+        return None if name is None else f"{tenant}\n{name}" if tenant else name
+
+    def cache_salt(http: Request, body: Any) -> bytes:
+        """The prefix cache's namespace of a request: its tenant and its `cache_salt`."""
+        tenant, salt = http.state.tenant, body.cache_salt or ""
+        return f"{tenant}\n{salt}".encode() if tenant or salt else b""
+
+    def claim(name: str | None, count: int, shown: str | None = None) -> Any:
+        """The session to continue (None: a new one), claimed for this request; `shown`: the
+        client's name for it (error messages)."""
         if name is None:
             return None
         if sessions is None:
@@ -167,12 +194,13 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
         if count != 1:
             raise OpenAIError(400, "a session continues one prompt with n=1", param="session")
         if not sessions.claim(name):
-            raise OpenAIError(409, f"session '{name}' is answering another request", param="session")
+            raise OpenAIError(409, f"session '{shown}' is answering another request", param="session")
         try:
             return sessions.get(name, engine.model.device)
         except Exception as error:
             sessions.release(name)
-            raise OpenAIError(400, f"session '{name}' cannot be read: {error}", param="session") from error
+            log.warning("session %r cannot be read", shown, exc_info=error)
+            raise OpenAIError(400, f"session '{shown}' cannot be read", param="session") from error
 
     async def serve(http: Request, run: Run, shape: Shape, stream: bool, include_usage: bool,
                     session: str | None) -> Response:  # fmt: skip
@@ -231,7 +259,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
     async def completions(body: CompletionRequest, http: Request) -> Response:
         max_tokens = check(body, 16)
         single = isinstance(body.prompt, str) or all(isinstance(p, int) for p in body.prompt)
-        session = claim(body.session, body.n * (1 if single else len(body.prompt)))
+        key = session_key(http, body.session)
+        session = claim(key, body.n * (1 if single else len(body.prompt)), body.session)
         try:
             prompts = prompt_ids(body.prompt, continuing=session is not None)
             check_length(prompts, session.tokens if session else 0)
@@ -242,19 +271,20 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
             if score is not None and session is not None:
                 raise OpenAIError(400, "echo with logprobs scores a whole prompt: not with a session", param="echo")
             start = session.state if session else None
-            held = (body.session, "completion", session.tokens if session else 0) if body.session else None
-            run = Run(engine, tokenizer, prompts, body, max_tokens, stop_ids, body.logprobs, score, start, held)
+            held = (key, "completion", session.tokens if session else 0) if key else None
+            run = Run(engine, tokenizer, prompts, body, max_tokens, stop_ids, body.logprobs, score, start, held,
+                      cache_salt(http, body))  # fmt: skip
         except BaseException:
-            if body.session is not None:
-                sessions.release(body.session)  # type: ignore[union-attr]
+            release(key)
             raise
         shape = CompletionShape(settings.model_name, tokenizer, body, prompts)
-        return await serve(http, run, shape, body.stream, usage_wanted(body), body.session)
+        return await serve(http, run, shape, body.stream, usage_wanted(body), key)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
         max_tokens = check(body, settings.max_tokens_limit)
-        session = claim(body.session, body.n)
+        key = session_key(http, body.session)
+        session = claim(key, body.n, body.session)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             if session is not None and session.kind != "chat":
@@ -264,14 +294,14 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
             admit(body.n)
             top = (body.top_logprobs or 0) if body.logprobs else None
             start = session.state if session else None
-            held = (body.session, "chat", session.tokens if session else 0) if body.session else None
-            run = Run(engine, tokenizer, [ids], body, max_tokens, stop_ids, top, None, start, held)
+            held = (key, "chat", session.tokens if session else 0) if key else None
+            run = Run(engine, tokenizer, [ids], body, max_tokens, stop_ids, top, None, start, held,
+                      cache_salt(http, body))  # fmt: skip
         except BaseException:
-            if body.session is not None:
-                sessions.release(body.session)  # type: ignore[union-attr]
+            release(key)
             raise
         shape = ChatShape(settings.model_name, tokenizer, body)
-        return await serve(http, run, shape, body.stream, usage_wanted(body), body.session)
+        return await serve(http, run, shape, body.stream, usage_wanted(body), key)
 
     def usage_wanted(body: Any) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)

@@ -47,6 +47,7 @@ class Job:
     session_tokens: int = 0  # tokens the starting state had seen
     prompt_logprobs: list[tuple[float, dict[int, float]]] | None = None
     cached_tokens: int = 0
+    cache_salt: bytes = b""  # the prefix cache's namespace: tenant and cache_salt
     keep_tokens: int | None = None  # a session keeps the state after this many new tokens (a stop string's)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -252,6 +253,7 @@ class Engine:
             self.prefix_cache if request.start_state is None else None,
             request.start_state,
             each_segment=score,
+            salt=job.cache_salt,
         )
         job.cached_tokens = cached
         self.metrics.prefix_cached_tokens.inc(cached)

@@ -55,9 +55,11 @@ class PrefixCache:
                 self.bytes -= old.nbytes()
 
 
-def prefix_keys(ids: torch.Tensor, block: int) -> list[tuple[int, bytes]]:
-    """(k·block, digest of ids[:k·block]) for every multiple of `block` strictly inside ids [T]."""
+def prefix_keys(ids: torch.Tensor, block: int, salt: bytes = b"") -> list[tuple[int, bytes]]:
+    """(k·block, digest of salt and ids[:k·block]) for every multiple of `block` strictly inside ids
+    [T]. The salt (a tenant and its `cache_salt`) keeps one tenant's prefixes from another's."""
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(len(salt).to_bytes(4, "big") + salt)
     keys = []
     for end in range(block, len(ids), block):
         digest.update(ids[end - block : end].to(torch.int64).numpy().tobytes())
@@ -77,6 +79,7 @@ def segmented_prefill(
     cache: PrefixCache | None,
     state: ModelState | None = None,
     each_segment: Callable[[torch.Tensor, int], None] | None = None,
+    salt: bytes = b"",
 ) -> tuple[torch.Tensor, ModelState, int]:
     """Prefill ids [T] from `state` in segments ending at multiples of `block`.
 
@@ -87,7 +90,7 @@ def segmented_prefill(
     holds [SCORE_SEGMENT, V] at a time, never [T, V]. Returns the last position's logits [1, V],
     the state after ids, and how many tokens came from the cache.
     """
-    keys = prefix_keys(ids, block) if state is None and block > 0 else []
+    keys = prefix_keys(ids, block, salt) if state is None and block > 0 else []
     start = 0
     if cache is not None and keys and each_segment is None:
         for end, key in reversed(keys):

@@ -64,6 +64,8 @@ class SamplingFields(BaseModel):
     # t2r (as vLLM): do not stop at the end-of-text token; return the prompt's and choices' token ids.
     ignore_eos: bool = False
     return_token_ids: bool = False
+    # as vLLM: a prompt's cached prefix states are shared only by requests of the same tenant and salt
+    cache_salt: str | None = Field(None, max_length=200)
 
     def stop_strings(self) -> list[str]:
         strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -60,6 +60,7 @@ class Run:
         score_prompt: int | None = None,
         start_state: ModelState | None = None,
         session: tuple[str, str, int] | None = None,  # (name, kind, tokens already in start_state)
+        cache_salt: bytes = b"",
     ) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.prompts = prompts
@@ -82,7 +83,7 @@ class Run:
                     logprobs=logprobs,
                     keep_state=session is not None,
                 )
-                job = Job(request, loop, self.events, score_prompt=score_prompt, index=index)
+                job = Job(request, loop, self.events, score_prompt=score_prompt, index=index, cache_salt=cache_salt)
                 if session is not None:
                     job.session, job.session_kind, job.session_tokens = session
                 self.choices.append(Choice(index, job, TextStream(tokenizer, stop)))

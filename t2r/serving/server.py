@@ -35,6 +35,28 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def read_api_keys(path: Path) -> dict[str, str]:
+    """--api-keys FILE: `KEY TENANT` a line (blank lines and # comments skipped) -> {key: tenant}."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--api-keys {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2:
+            raise UsageError(f"--api-keys {path}:{number}: expected `KEY TENANT`, got {len(words)} words")
+        key, tenant = words
+        if key in keys:
+            raise UsageError(f"--api-keys {path}:{number}: a key is listed twice")
+        keys[key] = tenant
+    if not keys:
+        raise UsageError(f"--api-keys {path}: no keys in it")
+    return keys
+
+
 def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metrics, name: str) -> tuple[Engine, Any]:
     prefix = PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb and args.prefix_block else None
     try:
@@ -60,7 +82,8 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     metrics = Metrics()
     engine, sessions = build_engine(model, args, metrics, name)
     settings = Settings(name, args.max_batch, args.max_queue, args.max_tokens_limit, args.api_key,
-                        args.max_body_kb * 1024, args.max_prompt_tokens)  # fmt: skip
+                        args.max_body_kb * 1024, args.max_prompt_tokens,
+                        read_api_keys(args.api_keys) if args.api_keys else {})  # fmt: skip
     app = create_app(engine, tokenizer, settings, eos_ids(tokenizer, model), metrics, sessions)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
@@ -74,7 +97,7 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     summary = (
         f"t2r serve: '{name}' on http://{args.host}:{args.port}/v1; {state}; "
         f"weights {args.weights}{', compiled' if args.compile else ''}; "
-        f"{'API key required' if args.api_key else 'no API key'}"
+        f"{'API key required' if args.api_key or args.api_keys else 'no API key'}"
     )
     server = DrainingServer(config, app)
 
