@@ -180,3 +180,13 @@ def test_a_wave_of_arrivals_is_prefilled_in_one_forward(model: torch.nn.Module, 
         scheduler.step()
     for request in requests:
         assert request.tokens == generate(model, request.prompt, 6, Sampling(greedy=True)).new_tokens
+
+
+def test_a_vanishing_temperature_is_the_argmax_not_a_nan() -> None:
+    """A temperature of 1e-222 (found by fuzzing the server) made logits / T overflow to inf and the
+    draw fail; below MIN_TEMPERATURE a draw is the argmax."""
+    from t2r.inference.sampling import chooser
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [30.0, -5.0, 29.9]])
+    for temperature in (1e-222, 1e-6):
+        assert chooser(Sampling(temperature=temperature))(logits).tolist() == [1, 0]

@@ -24,9 +24,14 @@ class Sampling:
     seed: int = 0
 
 
+# Below this temperature a draw is the argmax: a logit gap of 1e-3 already becomes 100 nats, and far
+# below it logits / temperature overflow fp32 (a temperature of 1e-222 made inf, then NaN).
+MIN_TEMPERATURE = 1e-5
+
+
 def chooser(sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
     """logits [B, V] -> next token ids [B]."""
-    if sampling.greedy:
+    if sampling.greedy or sampling.temperature < MIN_TEMPERATURE:
         return lambda logits: logits.argmax(-1)
     warpers = LogitsProcessorList()
     if sampling.temperature != 1.0:
