@@ -565,3 +565,21 @@ def test_an_api_keys_file_is_read_or_refused_in_one_line(tmp_path) -> None:
             read_api_keys(good)
     with pytest.raises(UsageError, match="cannot read"):
         read_api_keys(tmp_path / "missing")
+
+
+@torch.no_grad()
+def test_session_files_stay_within_their_disk_bound(model, tmp_path) -> None:
+    """--sessions-dir-mb: past the bound the least recently written session files go (the one just
+    written stays), and the store says how many went and how many bytes are left."""
+    from t2r.serving.sessions import Session, SessionStore
+
+    _, state = model(torch.tensor([[5, 6, 7]]), form="chunked")
+    one = SessionStore(2**30, tmp_path / "probe", NAME)
+    one.put("probe", Session(state, "completion", 3))
+    size = one.disk_bytes
+    store = SessionStore(2**30, tmp_path / "bounded", NAME, max_disk_bytes=int(2.5 * size))
+    for index in range(5):
+        store.put(f"s{index}", Session(state, "completion", 3))
+    files = sorted(path.name for path in (tmp_path / "bounded").glob("*.safetensors"))
+    assert len(files) == 2 and store.evicted_files == 3 and store.disk_bytes == 2 * size
+    assert store.path("s4").name in files and store.path("s3").name in files

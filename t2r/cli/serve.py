@@ -53,6 +53,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--session-cache-mb", type=int_at_least(0), default=512,
                         help="bytes of session states kept in memory (0: no sessions)")  # fmt: skip
     parser.add_argument("--sessions-dir", type=Path, help="also keep every session here (survives a restart)")
+    parser.add_argument("--sessions-dir-mb", type=positive_int, default=4096,
+                        help="bytes of session files kept in --sessions-dir; past it the least recently written "
+                        "go first")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     add_decode_flags(parser)
     parser.set_defaults(run=run)

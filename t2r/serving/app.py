@@ -129,6 +129,8 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
     async def metrics_text() -> Response:
         metrics.prefix_cache_bytes.set(engine.prefix_cache.bytes if engine.prefix_cache else 0)
         metrics.session_bytes.set(sessions.bytes if sessions else 0)
+        metrics.session_disk_bytes.set(sessions.disk_bytes if sessions else 0)
+        metrics.session_files_evicted.set(sessions.evicted_files if sessions else 0)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -28,6 +28,13 @@ class Metrics:
         )
         self.prefix_cache_bytes = Gauge("t2r_prefix_cache_bytes", "Bytes of kept prefix states", registry=registry)
         self.session_bytes = Gauge("t2r_session_bytes", "Bytes of sessions kept in memory", registry=registry)
+        self.session_disk_bytes = Gauge(
+            "t2r_session_disk_bytes", "Bytes of session files in --sessions-dir", registry=registry
+        )
+        self.session_files_evicted = Gauge(
+            "t2r_session_files_evicted", "Session files removed, oldest first, to stay within --sessions-dir-mb",
+            registry=registry,
+        )
         self.step_seconds = Histogram(
             "t2r_step_seconds", "Time of one batched decode step", buckets=LATENCY_BUCKETS, registry=registry
         )

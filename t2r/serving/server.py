@@ -61,7 +61,7 @@ def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metri
     prefix = PrefixCache(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb and args.prefix_block else None
     try:
         sessions = (
-            SessionStore(args.session_cache_mb * 2**20, args.sessions_dir, model_id=name)
+            SessionStore(args.session_cache_mb * 2**20, args.sessions_dir, name, args.sessions_dir_mb * 2**20)
             if args.session_cache_mb
             else None
         )

@@ -80,8 +80,15 @@ def _no_cache(tensors: dict[str, torch.Tensor], index: int, name: str) -> torch.
 class SessionStore:
     """name -> Session; `folder` (optional) keeps every session on disk too."""
 
-    def __init__(self, max_bytes: int, folder: Path | None = None, model_id: str = "") -> None:
+    def __init__(
+        self, max_bytes: int, folder: Path | None = None, model_id: str = "", max_disk_bytes: int | None = None
+    ) -> None:
+        """max_disk_bytes: the session files' total bound in `folder` (None: none); past it the
+        least recently written files go, oldest first (`evicted_files` counts them)."""
         self.max_bytes, self.folder, self.model_id = max_bytes, folder, model_id
+        self.max_disk_bytes, self.evicted_files, self.disk_bytes = max_disk_bytes, 0, 0
+        self._writes: dict[Path, int] = {}  # file -> when this process last wrote it (a counter)
+        self._clock = 0
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -142,6 +149,30 @@ class SessionStore:
         payload = safetensors.torch.save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
         # 0600: a conversation's state is its owner's (and the umask is never touched to get there)
         write_atomically(self.path(name), lambda temporary: temporary.write_bytes(payload), private=True)
+        self._bound_disk(keep=self.path(name))
+
+    def _bound_disk(self, keep: Path) -> None:
+        """Remove the least recently written session files until the folder is within its bound
+        (never `keep`, the file just written)."""
+        assert self.folder is not None
+        with self._lock:
+            self._clock += 1
+            self._writes[keep] = self._clock
+            # Files of earlier processes first (by time written), then this one's in the order it wrote
+            # them: a counter, as two writes can share a file-system timestamp.
+            order = lambda path: (self._writes.get(path, 0), path.stat().st_mtime_ns)  # noqa: E731
+            files = sorted(self.folder.glob("*.safetensors"), key=order)
+            total = sum(path.stat().st_size for path in files)
+            if self.max_disk_bytes is not None:
+                for path in files:
+                    if total <= self.max_disk_bytes:
+                        break
+                    if path != keep:
+                        total -= path.stat().st_size
+                        path.unlink(missing_ok=True)
+                        self._writes.pop(path, None)
+                        self.evicted_files += 1
+            self.disk_bytes = total
 
     def _read(self, name: str, device: torch.device | str) -> Session:
         path = self.path(name)
