@@ -190,3 +190,30 @@ def test_a_vanishing_temperature_is_the_argmax_not_a_nan() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0], [30.0, -5.0, 29.9]])
     for temperature in (1e-222, 1e-6):
         assert chooser(Sampling(temperature=temperature))(logits).tolist() == [1, 0]
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_running_rows(model: torch.nn.Module) -> None:
+    """A prompt of 4 segments and a bit arrives while 3 rows decode: it is prefilled one segment
+    per step, each running row still gains a token every step, and everyone decodes what it
+    decodes alone."""
+    from t2r.inference.scheduler import PREFILL_SEGMENT
+
+    greedy = Sampling(greedy=True)
+    running = [Request(prompt, 20, greedy) for prompt in prompts(3)]
+    scheduler = Scheduler(model, max_batch=4)
+    for request in running:
+        scheduler.submit(request)
+    scheduler.step()
+    long_prompt = torch.randint(3, VOCAB, (4 * PREFILL_SEGMENT + 10,), generator=torch.Generator().manual_seed(3))
+    late = scheduler.submit(Request(long_prompt, 5, greedy))
+    steps = 0
+    while late not in scheduler.active:
+        before = [len(r.tokens) for r in running]
+        scheduler.step()
+        steps += 1
+        assert [len(r.tokens) for r in running] == [n + 1 for n in before]  # nobody waited for the prompt
+    assert steps == 5  # one segment per step
+    while scheduler.busy:
+        scheduler.step()
+    for request in [*running, late]:
+        assert request.tokens == generate(model, request.prompt, request.max_new_tokens, greedy).new_tokens

@@ -276,14 +276,14 @@ def test_beyond_the_queue_requests_get_429(model) -> None:
 def test_a_failing_request_fails_alone(model, monkeypatch: pytest.MonkeyPatch) -> None:
     from t2r.serving import engine as engine_module
 
-    real = engine_module.segmented_prefill
+    real = engine_module.segmented_prefill_steps
 
     def failing(model, ids, *args, **kwargs):
         if 13 in ids.tolist():
             raise RuntimeError("injected fault")
-        return real(model, ids, *args, **kwargs)
+        return (yield from real(model, ids, *args, **kwargs))
 
-    monkeypatch.setattr(engine_module, "segmented_prefill", failing)
+    monkeypatch.setattr(engine_module, "segmented_prefill_steps", failing)
     with serving(model) as server:
         body = {"model": NAME, "prompt": "Call", "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx2.stream("POST", f"{server.v1}/completions", json=body, timeout=30) as running:
@@ -407,18 +407,17 @@ def test_a_sessions_dir_that_cannot_be_made_is_one_line(converted_folder, tmp_pa
 def test_a_fault_of_the_decode_loop_fails_the_rows_it_held_and_the_loop_goes_on(model, monkeypatch) -> None:
     """A fault outside any one request's guard (injected into the scheduler's step, once): the rows
     held answer 500 with a request id, and the next request is served."""
-    from t2r.inference.scheduler import Scheduler
+    calls: list[int] = []
+    with serving(model) as server:  # this server's scheduler only (the module's server runs beside it)
+        real = server.engine.scheduler.step
 
-    real, calls = Scheduler.step, []
+        def faulty() -> None:
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected loop fault")
+            real()
 
-    def faulty(self) -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected loop fault")
-        real(self)
-
-    monkeypatch.setattr(Scheduler, "step", faulty)
-    with serving(model) as server:
+        monkeypatch.setattr(server.engine.scheduler, "step", faulty)
         failed = post(server, "completions", {"model": NAME, "prompt": "Call", "max_tokens": 20, "ignore_eos": True})
         assert failed.status_code == 500 and "request id" in failed.json()["error"]["message"]
         assert "injected" not in failed.text
@@ -427,14 +426,12 @@ def test_a_fault_of_the_decode_loop_fails_the_rows_it_held_and_the_loop_goes_on(
 
 
 def test_a_decode_loop_that_cannot_go_on_turns_health_503_and_refuses_work(model, monkeypatch) -> None:
-    from t2r.serving.engine import Engine
-
-    def broken(self, block: bool) -> None:
+    def broken(block: bool) -> None:
         time.sleep(0.01)
         raise RuntimeError("injected: the loop cannot go on")
 
-    monkeypatch.setattr(Engine, "_take_inbox", broken)
-    with serving(model) as server:
+    with serving(model) as server:  # this server's engine only (the module's server runs beside it)
+        monkeypatch.setattr(server.engine, "_take_inbox", broken)
         deadline = time.monotonic() + 10
         while server.engine.broken is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -446,17 +443,17 @@ def test_a_decode_loop_that_cannot_go_on_turns_health_503_and_refuses_work(model
 
 @torch.no_grad()
 def test_prompt_scoring_holds_one_segment_of_logits_at_a_time(model) -> None:
-    """Echo + logprobs of a long prompt: the prefill hands over logits [<= SCORE_SEGMENT, V] per
+    """Echo + logprobs of a long prompt: the prefill hands over logits [<= PREFILL_SEGMENT, V] per
     segment (never [T, V]), and together they are the whole prompt's, as one forward makes them.
     (The same products in other segment sizes: 1e-4 on logits of order 1-10, as in test_model.)"""
-    from t2r.serving.prefix_cache import SCORE_SEGMENT, segmented_prefill
+    from t2r.serving.prefix_cache import PREFILL_SEGMENT, segmented_prefill
 
     ids = torch.randint(3, 200, (700,), generator=torch.Generator().manual_seed(2))
     pieces: list[tuple[int, torch.Tensor]] = []
     last, _, _ = segmented_prefill(
         model, ids, 0, None, each_segment=lambda logits, start: pieces.append((start, logits))
     )
-    assert max(p.shape[0] for _, p in pieces) <= SCORE_SEGMENT and [s for s, _ in pieces] == [0, 256, 512]
+    assert max(p.shape[0] for _, p in pieces) <= PREFILL_SEGMENT and [s for s, _ in pieces] == [0, 256, 512]
     whole, _ = model(ids[None], form="chunked")
     assert (torch.cat([p for _, p in pieces]) - whole[0]).abs().max() <= 1e-4
     assert torch.equal(last[0], pieces[-1][1][-1])

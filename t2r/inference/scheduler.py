@@ -1,8 +1,9 @@
 """Continuous batching over the recurrent state: the decode loop a server runs.
 
 Every active sequence advances one token per `step()`, all in one batched fast step. A submitted
-request waits until a row is free (`max_batch`), is prefilled alone through the chunked form and
-joins the running batch; a row that emits a stop token, reaches its budget or is cancelled leaves
+request waits until a row is free (`max_batch`), is prefilled through the chunked form one segment
+per step (PREFILL_SEGMENT tokens: the running rows decode between two segments, so a long prompt
+does not stall them; short prompts arriving together share one forward) and joins the running batch; a row that emits a stop token, reaches its budget or is cancelled leaves
 at once. Each request keeps its own sampling (its own seeded generator), so a request's tokens do
 not depend on what else is being served: greedy requests decode exactly what
 `t2r.inference.generate` decodes for them alone.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,13 +70,24 @@ class Request:
         self.finish, self.error = "error", error
 
 
-# prefill(model, request) -> (logits [1, V] after the prompt, the state after it)
-Prefill = Callable[[T2RForCausalLM, Request], tuple[torch.Tensor, ModelState]]
+# prefill(model, request): a generator that prefills the prompt in segments, yielding between them
+# (the scheduler decodes a step of the running rows before it asks for the next segment), and
+# returns (logits [1, V] after the prompt, the state after it).
+PrefillSteps = Generator[int, None, tuple[torch.Tensor, ModelState]]
+Prefill = Callable[[T2RForCausalLM, Request], PrefillSteps]
+PREFILL_SEGMENT = 256  # tokens of a prompt prefilled between two decode steps
 
 
-def plain_prefill(model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
-    ids = request.prompt[None].to(model.device)
-    logits, state = model(ids, state=request.start_state, form="chunked", logits_to_keep=1)
+def plain_prefill(model: T2RForCausalLM, request: Request) -> PrefillSteps:
+    """The prompt in segments of PREFILL_SEGMENT tokens through the chunked form."""
+    ids, state, logits = request.prompt[None].to(model.device), request.start_state, None
+    for start in range(0, ids.shape[1], PREFILL_SEGMENT):
+        if logits is not None:
+            yield start
+        with torch.no_grad():
+            logits, state = model(ids[:, start : start + PREFILL_SEGMENT], state=state, form="chunked",
+                                  logits_to_keep=1)  # fmt: skip
+    assert logits is not None and state is not None
     return logits[:, -1], state
 
 
@@ -103,6 +115,7 @@ class Scheduler:
         self.batchable = batchable  # requests that may be prefilled together (left-padded) instead
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
+        self.prefilling: list[tuple[Request, PrefillSteps]] = []  # admitted, prompt partly prefilled
         self.logits: torch.Tensor | None = None
         empty = FastState.from_model_state(model.init_state(1))
         # The state of `max_batch` rows, allocated once (None: softmax layers, states are joined).
@@ -136,10 +149,11 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """Every request held, waiting or decoding, fails with `error` and leaves (after a fault the
         batch's state cannot be trusted); the scheduler is empty and ready for new requests."""
-        for request in [*self.waiting, *self.active]:
+        for request in [*self.waiting, *self.active, *(r for r, _ in self.prefilling)]:
             if request.finish is None:
                 request.fail(error)
         self.waiting.clear()
+        self.prefilling.clear()
         if self.active:
             if self.logits is None:  # a fault between a step's parts: nothing to keep anyway
                 self.active, self._joined = [], None
@@ -150,7 +164,7 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.prefilling)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -232,7 +246,7 @@ class Scheduler:
         forward do (a wave of arrivals costs one batched prefill, not one per request), the rest
         go through `prefill` one by one."""
         admitted: list[Request] = []
-        while self.waiting and len(self.active) + len(admitted) < self.max_batch:
+        while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
             request = self.waiting.popleft()
             if request.finish is None:
                 admitted.append(request)
@@ -252,12 +266,26 @@ class Scheduler:
         for request in admitted:
             if request in together and len(together) > 1:
                 continue
+            self.prefilling.append((request, self.prefill(self.model, request)))
+        self._advance_prefills()
+
+    def _advance_prefills(self) -> None:
+        """One segment of every prompt being prefilled; a prompt done joins the batch. Between two
+        segments the running rows decode a step: a long prompt does not stall them."""
+        still: list[tuple[Request, PrefillSteps]] = []
+        for request, steps in self.prefilling:
+            if request.finish is not None:  # cancelled while its prompt was prefilled
+                steps.close()
+                continue
             try:
-                logits, state = self.prefill(self.model, request)
+                next(steps)
+                still.append((request, steps))
+            except StopIteration as done:
+                logits, state = done.value
+                self._join(request, logits, FastState.from_model_state(state))
             except Exception as error:
                 request.fail(error)
-                continue
-            self._join(request, logits, FastState.from_model_state(state))
+        self.prefilling = still
 
     def _join(self, request: Request, logits: torch.Tensor, fresh: FastState) -> None:
         """A prefilled request (logits [1, V], its one-row state) takes the next row."""

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from t2r.inference.scheduler import Request, Scheduler, Step
+from t2r.inference.scheduler import PrefillSteps, Request, Scheduler, Step
 from t2r.modeling.fast_decode import fast_step
 from t2r.modeling.model import T2RForCausalLM
 from t2r.ops.state import ModelState
 from t2r.serving.metrics import Metrics
-from t2r.serving.prefix_cache import PrefixCache, segmented_prefill
+from t2r.serving.prefix_cache import PrefixCache, segmented_prefill, segmented_prefill_steps
 from t2r.serving.sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,9 @@ class Engine:
         short = self.prefix_cache is None or self.prefix_block == 0 or len(request.prompt) <= self.prefix_block
         return request.start_state is None and job.score_prompt is None and short
 
-    def _prefill(self, model: T2RForCausalLM, request: Request) -> tuple[torch.Tensor, ModelState]:
+    def _prefill(self, model: T2RForCausalLM, request: Request) -> PrefillSteps:
+        """The scheduler's prefill (a generator: one segment per decode step) through the prefix
+        cache, scoring the prompt segment by segment for echo + logprobs."""
         job = self._jobs[request]
         scored: list[tuple[float, dict[int, float]]] = []
         score = None
@@ -246,7 +248,7 @@ class Engine:
                 following = request.prompt[start + 1 : start + 1 + logits.shape[0]]  # what each position predicts
                 scored.extend(prompt_logprobs(logits[: len(following)], following, top))
 
-        logits, state, cached = segmented_prefill(
+        logits, state, cached = yield from segmented_prefill_steps(
             model,
             request.prompt,
             self.prefix_block,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 
@@ -67,12 +68,15 @@ def prefix_keys(ids: torch.Tensor, block: int, salt: bytes = b"") -> list[tuple[
     return keys
 
 
-# Prompt scoring (echo + logprobs) prefills in segments of at most this many tokens: [S, V] logits at a time.
-SCORE_SEGMENT = 256
+# A prompt is prefilled in segments of at most this many tokens: between two segments the server
+# decodes a step of the running rows (a long prompt does not stall them), and a scored prompt (echo
+# + logprobs) holds [PREFILL_SEGMENT, V] logits at a time, never [T, V].
+PREFILL_SEGMENT = 256
+
+PrefillSteps = Generator[int, None, tuple[torch.Tensor, ModelState, int]]
 
 
-@torch.no_grad()
-def segmented_prefill(
+def segmented_prefill_steps(
     model: T2RForCausalLM,
     ids: torch.Tensor,
     block: int,
@@ -80,15 +84,15 @@ def segmented_prefill(
     state: ModelState | None = None,
     each_segment: Callable[[torch.Tensor, int], None] | None = None,
     salt: bytes = b"",
-) -> tuple[torch.Tensor, ModelState, int]:
-    """Prefill ids [T] from `state` in segments ending at multiples of `block`.
+) -> PrefillSteps:
+    """Prefill ids [T] from `state` in segments of at most PREFILL_SEGMENT tokens that also end at
+    multiples of `block`, yielding the tokens done after every segment but the last.
 
     Without a starting state, the longest cached prefix is used (unless `each_segment`: every
-    position's logits are needed) and the states at the boundaries passed are cached. With
-    `each_segment(logits [n, V], start)`, every segment's logits go there as they are made, in
-    segments of at most SCORE_SEGMENT tokens, and none is kept: scoring a prompt (echo + logprobs)
-    holds [SCORE_SEGMENT, V] at a time, never [T, V]. Returns the last position's logits [1, V],
-    the state after ids, and how many tokens came from the cache.
+    position's logits are needed) and the states at the boundaries passed are cached (`salt`: the
+    requester's namespace). With `each_segment(logits [n, V], start)`, every segment's logits go
+    there as they are made, and none is kept. Returns the last position's logits [1, V], the state
+    after ids, and how many tokens came from the cache.
     """
     keys = prefix_keys(ids, block, salt) if state is None and block > 0 else []
     start = 0
@@ -104,13 +108,15 @@ def segmented_prefill(
             cache.misses += 1
     cached = start
     ends = [end for end, _ in keys if end > start] + [len(ids)]
-    if each_segment is not None:  # also every SCORE_SEGMENT tokens: bounded logits
-        ends = sorted(set(ends) | set(range(SCORE_SEGMENT, len(ids), SCORE_SEGMENT)))
+    ends = sorted(set(ends) | set(range(start + PREFILL_SEGMENT, len(ids), PREFILL_SEGMENT)))
     key_at = dict(keys)
     logits = None
     for end in ends:
+        if logits is not None:
+            yield start  # a segment is done: the caller may decode a step before the next
         segment = ids[start:end][None].to(model.device)
-        logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if each_segment else 1)
+        with torch.no_grad():
+            logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if each_segment else 1)
         if each_segment is not None:
             each_segment(logits[0], start)
         if cache is not None and end in key_at:
@@ -118,3 +124,13 @@ def segmented_prefill(
         start = end
     assert state is not None and logits is not None
     return logits[0, -1:], state, cached
+
+
+def segmented_prefill(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ModelState, int]:
+    """`segmented_prefill_steps` run to its end at once (its arguments and its result)."""
+    steps = segmented_prefill_steps(*args, **kwargs)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
