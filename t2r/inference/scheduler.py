@@ -3,10 +3,11 @@
 Every active sequence advances one token per `step()`, all in one batched fast step. A submitted
 request waits until a row is free (`max_batch`), is prefilled through the chunked form one segment
 per step (PREFILL_SEGMENT tokens: the running rows decode between two segments, so a long prompt
-does not stall them; short prompts arriving together share one forward) and joins the running batch; a row that emits a stop token, reaches its budget or is cancelled leaves
-at once. Each request keeps its own sampling (its own seeded generator), so a request's tokens do
-not depend on what else is being served: greedy requests decode exactly what
-`t2r.inference.generate` decodes for them alone.
+does not stall them; short prompts arriving together share one forward) and joins the running
+batch; a row that emits a stop token, reaches its budget or is cancelled leaves at once. Each
+request keeps its own sampling (its own seeded generator), so a request's tokens do not depend on
+what else is being served: greedy requests decode exactly what `t2r.inference.generate` decodes
+for them alone.
 
 The rows' state lives in `StateSlots` allocated once for `max_batch` rows (a model with layers
 kept as softmax, whose KV caches grow, joins and selects FastStates instead). A failure inside one
