@@ -580,3 +580,17 @@ def test_session_files_stay_within_their_disk_bound(model, tmp_path) -> None:
     files = sorted(path.name for path in (tmp_path / "bounded").glob("*.safetensors"))
     assert len(files) == 2 and store.evicted_files == 3 and store.disk_bytes == 2 * size
     assert store.path("s4").name in files and store.path("s3").name in files
+
+
+def test_a_session_the_server_names_is_unguessable_and_continues(served: Served) -> None:
+    api = client(served)
+    first = api.completions.create(model=NAME, prompt=[5, 17, 33], max_tokens=4, temperature=0,
+                                   extra_body={"ignore_eos": True, "new_session": True})  # fmt: skip
+    name = first.model_extra["session"]
+    assert len(name) >= 24 and name != "new"
+    again = api.completions.create(model=NAME, prompt=[90, 91], max_tokens=4, temperature=0,
+                                   extra_body={"ignore_eos": True, "session": name})  # fmt: skip
+    assert again.usage.prompt_tokens == 2 and "session" not in (again.model_extra or {})
+    assert served.engine.sessions.get(name).tokens == 3 + 4 + 2 + 4  # both turns, in one state
+    both = post(served, "completions", {"model": NAME, "prompt": "x", "session": "s", "new_session": True})
+    assert both.status_code == 400 and "not both" in both.json()["error"]["message"]

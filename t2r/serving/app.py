@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -176,9 +177,14 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
                               f"{settings.max_prompt_tokens}", param="prompt",
                               code="context_length_exceeded")  # fmt: skip
 
-    def session_key(http: Request, name: str | None) -> str | None:
-        """The store's key of a session name: the tenant's own namespace (no tenant: the name)."""
-        tenant = http.state.tenant
+    def session_key(http: Request, body: Any) -> str | None:
+        """The store's key of a request's session: the tenant's own namespace (no tenant: the name).
+        `new_session` makes an unguessable name first (the response returns it)."""
+        if body.new_session:
+            if body.session is not None:
+                raise OpenAIError(400, "give `session` or `new_session`, not both", param="new_session")
+            body.session = secrets.token_urlsafe(18)
+        name, tenant = body.session, http.state.tenant
         return None if name is None else f"{tenant}\n{name}" if tenant else name
 
     def cache_salt(http: Request, body: Any) -> bytes:
@@ -261,7 +267,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
     async def completions(body: CompletionRequest, http: Request) -> Response:
         max_tokens = check(body, 16)
         single = isinstance(body.prompt, str) or all(isinstance(p, int) for p in body.prompt)
-        key = session_key(http, body.session)
+        key = session_key(http, body)
         session = claim(key, body.n * (1 if single else len(body.prompt)), body.session)
         try:
             prompts = prompt_ids(body.prompt, continuing=session is not None)
@@ -285,7 +291,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings, stop_ids: fro
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
         max_tokens = check(body, settings.max_tokens_limit)
-        key = session_key(http, body.session)
+        key = session_key(http, body)
         session = claim(key, body.n, body.session)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -61,6 +61,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     # t2r: continue a conversation from its kept state (send only the new turn); see README.
     session: str | None = Field(None, min_length=1, max_length=200)
+    # t2r: start a session under a name the server makes (unguessable), returned as `session`
+    new_session: bool = False
     # t2r (as vLLM): do not stop at the end-of-text token; return the prompt's and choices' token ids.
     ignore_eos: bool = False
     return_token_ids: bool = False

@@ -47,7 +47,10 @@ class Shape:
         return choice
 
     def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices}
+        envelope = {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices}
+        if self.request.new_session:  # the name the server made for the session: the client continues it
+            envelope["session"] = self.request.session
+        return envelope
 
     def usage_chunk(self, run: Run) -> dict[str, Any]:
         return {**self.envelope(self.chunk_name, []), "usage": self.usage(run)}
