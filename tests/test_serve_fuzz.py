@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import httpx2
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
@@ -23,6 +24,15 @@ JSON = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
 )
+
+
+@pytest.fixture(autouse=True)
+def subnormal_floats() -> Iterator[None]:
+    """hypothesis draws floats with subnormals, which a thread that flushes them to zero cannot hold
+    (the decode path turns flushing on, `t2r.ops.denormals`, in the thread an earlier test decoded
+    in: this one). This thread keeps them while the bodies are drawn; the server's threads are theirs."""
+    torch.set_flush_denormal(False)
+    yield
 
 
 @pytest.fixture(scope="module")
