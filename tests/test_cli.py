@@ -432,6 +432,11 @@ def test_the_global_cache_flag_reaches_the_model_and_its_baseline(
         records[slots] = json.loads(out)
     assert records[16]["baseline"]["window"] > records[0]["baseline"]["window"]
     assert records[16]["perplexity"] != records[0]["perplexity"]  # keys left the 64-token window: cached
+    argv = ["generate", converted_folder, "--prompt", "The history of", "--max-new-tokens", 8, "--greedy"]
+    plain, cached = (run([*argv, *extra], capfd) for extra in ([], ["--global-cache", 64]))
+    assert plain[0] == cached[0] == 0, cached[2]
+    state = [float(err.split("state ")[1].split(" MiB")[0]) for _, _, err in (plain, cached)]
+    assert state[1] > state[0]  # the cache's slots are in the decode state
     code, _, err = run(["eval", teacher_folder, "--data", text_file, "--global-cache", 4], capfd)
     assert code == 2 and "softmax model" in only_line(err)
     code, _, err = run(

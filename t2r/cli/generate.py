@@ -7,13 +7,15 @@ import sys
 from typing import Any
 
 from t2r.cli.common import Formatter, bounded_float, peak_rss_bytes, positive_int
+from t2r.cli.convert import add_global_cache_flag
 from t2r.errors import UsageError
 from t2r.inference.stopping import eos_ids
 from t2r.modeling.config import WEIGHT_FORMATS
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
-    """How the decode step runs: weight format and compilation."""
+    """How the decode step runs: weight format, compilation, a global cache."""
+    add_global_cache_flag(parser, "given to the converted model as it loads (default: its own)")
     parser.add_argument(
         "--weights",
         choices=WEIGHT_FORMATS,
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace) -> None:
     from t2r.modeling.model import T2RForCausalLM
 
     model, tokenizer = load_model(args.model)
+    if args.global_cache is not None and isinstance(model, T2RForCausalLM):
+        model.with_global_cache(args.global_cache)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
     if args.chat and not getattr(tokenizer, "chat_template", None):
