@@ -1,6 +1,9 @@
 """Which tokens does a global cache hold after a pass-key prompt? A probe, not a benchmark.
 
-    python scripts/passkey_cache_probe.py [SLOTS [LENGTH [DEPTH]]]     # defaults: 64 4000 0.5
+    python scripts/passkey_cache_probe.py [SLOTS [LENGTH [DEPTH [relative]]]]   # defaults: 64 4000 0.5
+
+`relative` tries another rule for one run: the self-recall error divided by ||v||^2 (a probe of the
+criterion, not an option of t2r).
 
 Prefills one pass-key prompt (The Picture of Dorian Gray, the key of trial 0) through the shipped
 model with a global cache of SLOTS, and prints per layer and key/value head how many of the key
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 import t2r.ops.dispatch as dispatch
+import t2r.ops.global_cache as global_cache
 from t2r.data.textfile import read_text
 from t2r.evaluation.passkey import Filler, build_prompt, draw_keys
 from t2r.hub import load_model
@@ -29,6 +33,11 @@ def main() -> None:
     slots, length, depth = (int(sys.argv[1]) if len(sys.argv) > 1 else 64,
                             int(sys.argv[2]) if len(sys.argv) > 2 else 4000,
                             float(sys.argv[3]) if len(sys.argv) > 3 else 0.5)  # fmt: skip
+    if len(sys.argv) > 4 and sys.argv[4] == "relative":
+        absolute = global_cache.self_recall_error
+        global_cache.self_recall_error = lambda linear, phi, values, eps: (
+            absolute(linear, phi, values, eps) / (values.square().sum(-1) + 1e-6)
+        )
     model, tokenizer = load_model(str(MODEL))
     model.with_global_cache(slots)
     prompt = build_prompt(
@@ -55,7 +64,8 @@ def main() -> None:
             per_head.append(len(tokens & sentence))
         total += sum(per_head)
         print(f"layer {index:2d}: key-sentence tokens cached per key/value head {per_head}")
-    print(f"{total} of {len(sentence)} tokens x {sum(k.shape[0] for k, _ in layers)} heads; {slots} slots, "
+    heads = sum(keys.shape[0] for keys, _ in layers)
+    print(f"{total} cached (token, head) pairs of {len(sentence)} tokens x {heads} heads; {slots} slots, "
           f"{length} tokens, key at {prompt.key_position}")  # fmt: skip
 
 
