@@ -2,6 +2,7 @@
 
     python scripts/passkey_cache.py                          # every (cache, length) not yet measured
     python scripts/passkey_cache.py --caches 64 --lengths 4000
+    python scripts/passkey_cache.py --caches 64 --lengths 2000,4000 --select prompt   # SnapKV's choice
     python scripts/passkey_cache.py --report                 # only rewrite BENCHMARKS.md from the JSON
 
 For each global cache size N and prompt length: `t2r eval MODEL --passkey --global-cache N --baseline`
@@ -29,16 +30,16 @@ FILLER = SHARED / "books" / "pg174.txt"  # held out: no recipe trains on it
 MODELS = ("teacher", "model", "baseline")
 
 
-def result_path(slots: int, length: int) -> Path:
-    return OUT / f"cache{slots}-{length}.json"
+def result_path(slots: int, length: int, select: str) -> Path:
+    return OUT / f"cache{slots}-{length}{'' if select == 'recall' else '-' + select}.json"
 
 
-def measure(model: str, slots: int, length: int) -> None:
-    path = result_path(slots, length)
+def measure(model: str, slots: int, length: int, select: str) -> None:
+    path = result_path(slots, length, select)
     if path.exists():
         return
     argv = [sys.executable, "-m", "t2r", "eval", model, "--passkey", "--data", str(FILLER), "--lengths", str(length)]
-    argv += ["--global-cache", str(slots), "--baseline", "--json"]
+    argv += ["--global-cache", str(slots), "--global-select", select, "--baseline", "--json"]
     print("$ " + " ".join(argv[1:]), file=sys.stderr, flush=True)
     out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True).stdout
     OUT.mkdir(parents=True, exist_ok=True)
@@ -53,13 +54,21 @@ def table() -> str:
         "model's state bytes with the cache (4 sinks + W slots). Filler: The Picture of Dorian Gray (held "
         "out); 3 depths (0.1, 0.5, 0.9) x 3 keys per length; rank-1 = the key ranked first among 100 candidates.",
         "",
-        "| cache N | length | state MB | window slots | teacher rank-1 | model rank-1 | window rank-1 | "
+        "Select: how the prompt's prefill fills the cache (`--global-select`): recall, token by token by "
+        "self-recall error (LoLA); prompt, the keys the prompt's last 32 queries attend to most (SnapKV).",
+        "",
+        "| cache N | select | length | state MB | window slots | teacher rank-1 | model rank-1 | window rank-1 | "
         "mean rank (teacher / model / window) | greedy exact (teacher / model / window) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(OUT.glob("cache*.json"), key=lambda p: [int(x) for x in p.stem[5:].split("-")]):
+
+    def row_key(path: Path) -> tuple[int, int, str]:
+        slots, length, *select = path.stem[5:].split("-")
+        return int(slots), int(length), select[0] if select else "recall"
+
+    for path in sorted(OUT.glob("cache*.json"), key=row_key):
         record = json.loads(path.read_text())
-        slots, length = (int(x) for x in path.stem[5:].split("-"))
+        slots, length, select = row_key(path)
         baseline = record.get("baseline", {})
         counts, ranks, exact = {}, {}, {}
         for name in MODELS:
@@ -69,7 +78,7 @@ def table() -> str:
             exact[name] = f"{sum(t['exact'] for t in trials)}"
         state = record.get("model_state_bytes")
         lines.append(
-            f"| {slots} | {length} | {'-' if state is None else f'{state / 1e6:.2f}'} | "
+            f"| {slots} | {select} | {length} | {'-' if state is None else f'{state / 1e6:.2f}'} | "
             f"{baseline.get('window', '-')} | {counts['teacher']} | {counts['model']} | {counts['baseline']} | "
             f"{' / '.join(ranks[n] for n in MODELS)} | {' / '.join(exact[n] for n in MODELS)} |"
         )
@@ -81,12 +90,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--caches", default="64", help="comma-separated global cache sizes")
     parser.add_argument("--lengths", default="1000,2000,4000", help="comma-separated prompt lengths")
+    parser.add_argument("--select", default="recall", choices=("recall", "prompt"), help="--global-select")
     parser.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section")
     args = parser.parse_args()
     if not args.report:
         for slots in (int(x) for x in args.caches.split(",")):
             for length in (int(x) for x in args.lengths.split(",")):
-                measure(args.model, slots, length)
+                measure(args.model, slots, length, args.select)
     replace_section(ROOT / "BENCHMARKS.md", "passkey-cache", table(), "Pass-key with a global cache")
 
 

@@ -113,8 +113,9 @@ def main() -> None:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
         "command": f"python scripts/train_speed.py --base {options.base} --steps {options.steps} "
         f"--rounds {options.rounds}",
-        "new_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(),
+        "new_commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "tokens_per_step": BATCH * SEQ_LEN,
         "stages": stages,
     }

@@ -59,7 +59,7 @@ def add_parser(commands: Any) -> None:
         help="also the training-free sliding-window baseline (the teacher over the model's sinks + the window "
         "of equal state bytes), in the same weight formats",
     )
-    add_global_cache_flag(parser, "given to the converted model as it loads; --baseline counts it")
+    add_global_cache_flag(parser, "given to the converted model as it loads; --baseline counts it", select=False)
     parser.add_argument("--data", type=Path, default=None, help="prompt text (default: the built-in corpus)")
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF of the llama.cpp row (default: the teacher's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for bench.json and plots")

@@ -12,6 +12,7 @@ from typing import Any
 
 from t2r.cli.common import Formatter, layer_indices, non_negative_int, positive_int
 from t2r.modeling.config import DEFAULT_HALF_LIFE, DEFAULT_SINKS, DEFAULT_WINDOW, FEATURE_MAPS, LINEAR_HEADS
+from t2r.ops import GLOBAL_SELECTS
 
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_HELP = "alias (smollm2-135m), .gguf file, local Hugging Face folder or hub id"
@@ -73,8 +74,9 @@ def add_attention_flags(parser: argparse.ArgumentParser) -> None:
     add_global_cache_flag(parser, "training-free: `t2r train` trains without it and saves the model with it")
 
 
-def add_global_cache_flag(parser: argparse.ArgumentParser, note: str) -> None:
-    """--global-cache N (LoLA's sparse cache, `t2r.ops.global_cache`): convert, train, eval, generate."""
+def add_global_cache_flag(parser: argparse.ArgumentParser, note: str, select: bool = True) -> None:
+    """--global-cache N (LoLA's sparse cache, `t2r.ops.global_cache`) and, where prompts are
+    prefilled (select), --global-select: convert, train, eval, generate, serve; bench (decoding) N only."""
     parser.add_argument(
         "--global-cache",
         type=non_negative_int,
@@ -84,6 +86,16 @@ def add_global_cache_flag(parser: argparse.ArgumentParser, note: str) -> None:
         f"window and that the linear state recalls worst as exact softmax slots (constant memory); {note} "
         "(default: 0, none)",
     )
+    if select:
+        parser.add_argument(
+            "--global-select",
+            choices=GLOBAL_SELECTS,
+            default=None,
+            help="how a prompt's prefill fills the global cache: recall (token by token, the keys the linear "
+            "state recalls worst, as decoding does) or prompt (the keys the prompt's last 32 queries attend to "
+            "most, SnapKV's choice; a parallel prefill). Decoding always goes by recall (default: the model's, "
+            "recall for a new one)",
+        )
 
 
 def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,6 +111,7 @@ def attention_settings(args: argparse.Namespace) -> dict[str, Any]:
         "linear_heads": args.linear_heads or "query",
         "keep_local": bool(args.keep_local),
         "global_cache": args.global_cache or 0,
+        "global_select": args.global_select or "recall",
     }
 
 

@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> None:
     if stride > args.seq_len:
         raise UsageError(f"--stride {stride} is larger than --seq-len {args.seq_len}: tokens would be skipped")
     model, tokenizer = load_model(args.model)
-    if args.global_cache is not None:
+    if args.global_cache is not None or args.global_select is not None:
         if not isinstance(model, T2RForCausalLM):
             raise UsageError(f"--global-cache is a converted model's; {args.model} is a softmax model")
-        model.with_global_cache(args.global_cache)
+        model.with_global_cache(args.global_cache, args.global_select)
     model = with_weights(model, args.weights)
     if args.long and not isinstance(model, T2RForCausalLM):
         raise UsageError(f"--long scores a converted model; {args.model} is a softmax model (name it in --teacher)")

@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> None:
     from t2r.modeling.model import T2RForCausalLM
 
     model, tokenizer = load_model(args.model)
-    if args.global_cache is not None and isinstance(model, T2RForCausalLM):
-        model.with_global_cache(args.global_cache)
+    if isinstance(model, T2RForCausalLM):
+        model.with_global_cache(args.global_cache, args.global_select)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
     if args.chat and not getattr(tokenizer, "chat_template", None):

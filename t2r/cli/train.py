@@ -151,7 +151,7 @@ def prepare_student(args: argparse.Namespace, loaded: Any) -> tuple[Any, str]:
     if isinstance(loaded, T2RForCausalLM):
         flags = (
             args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.softmax_layers,
-            args.linear_heads, args.keep_local, args.global_cache,
+            args.linear_heads, args.keep_local, args.global_cache, args.global_select,
         )  # fmt: skip
         if any(flag is not None for flag in flags) or args.untie_qk or args.from_scratch or args.rotary_features:
             raise UsageError(f"{args.model} is already converted; drop the conversion flags")

@@ -42,6 +42,8 @@ class LinearAttention(nn.Module):
     sinks: the first `sinks` tokens stay in the softmax part for good (window > 0 only).
     global_cache: N slots per key/value head of a sparse global cache (`ops.global_cache`; window
         and a linear part only): a setting of inference (`T2RForCausalLM.with_global_cache`).
+    global_select: how a prefill fills the cache: "recall" (token by token, `ops.global_cache`) or
+        "prompt" (by the prompt's last queries, `ops.global_select`).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class LinearAttention(nn.Module):
         decay: float | None = None,
         sinks: int = 0,
         global_cache: int = 0,
+        global_select: str = "recall",
     ) -> None:
         super().__init__()
         self.projections = projections
@@ -72,6 +75,7 @@ class LinearAttention(nn.Module):
         self.decay = decay
         self.sinks = sinks
         self.global_cache = global_cache
+        self.global_select = global_select
         self.compiled = False  # the chunked form through torch.compile (a setting of the process, not saved)
         if window > 0:
             weight = next(feature_map_q.parameters(), None)
@@ -192,7 +196,9 @@ class LinearAttention(nn.Module):
             out, next_state = op(phi_q, phi_k, v, initial_state=state, eps=self.eps)  # [B, H, T, D]
         else:
             stores_linear_keys = bool(state.linear_keys.shape[-1])
-            op = attention_op(form, self.chunk_size, hybrid=True, compiled=self.compiled)
+            op = attention_op(
+                form, self.chunk_size, hybrid=True, compiled=self.compiled, global_select=self.global_select
+            )
             out, next_state = op(
                 q, k, v, phi_q, k_features, mask.bool(), self.window_linear_keys(state, window_keys),
                 feature_map_k=self.key_map(),

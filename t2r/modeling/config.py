@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from t2r.errors import UsageError
+from t2r.ops import GLOBAL_SELECTS
 
 # "none": no linear part at all: the teacher's softmax over the sinks and the window only (the
 # training-free sliding-window baseline, StreamingLLM; needs a window).
@@ -61,6 +62,9 @@ class T2RConfig:
         stay in the softmax part (N keys and values, and the keys as the feature map sees them,
         per head: constant memory). Needs a window and a linear part; training-free: a setting of
         inference, it can be given to a trained model at load time (0: none).
+    global_select: how a prefill fills the global cache: "recall" (token by token, the keys the
+        linear state recalls worst, as decoding does) or "prompt" (the keys the prompt's last 32
+        queries attend to most, SnapKV's choice, `ops.global_select`; a parallel prefill).
     """
 
     feature_map: str = "t2r"
@@ -78,6 +82,7 @@ class T2RConfig:
     linear_heads: str = "query"
     keep_local: bool = False
     global_cache: int = 0
+    global_select: str = "recall"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(self.softmax_layers))))
@@ -108,6 +113,10 @@ class T2RConfig:
             raise UsageError(f"global cache must be >= 0 slots, got {self.global_cache}")
         if self.global_cache and (not self.window or self.feature_map == "none"):
             raise UsageError("--global-cache needs a window and a linear part (to hold what it recalls worst)")
+        if self.global_select not in GLOBAL_SELECTS:
+            raise UsageError(
+                f"unknown global cache selection {self.global_select!r}; choose one of {', '.join(GLOBAL_SELECTS)}"
+            )
         if any(index < 0 for index in self.softmax_layers):
             raise UsageError("softmax layer indices must be >= 0")
         if self.feature_map not in FEATURE_MAPS:

@@ -64,6 +64,7 @@ def convert(teacher: nn.Module, config: T2RConfig) -> T2RForCausalLM:
             decay=config.decay(),
             sinks=config.sinks,
             global_cache=config.global_cache,
+            global_select=config.global_select,
         )
         adapter.set_attention(layer, attention.to(device=parameter.device))
     return T2RForCausalLM(teacher, adapter, config).eval()

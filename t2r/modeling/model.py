@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from t2r.errors import UsageError
 from t2r.modeling.adapters import Adapter
 from t2r.modeling.attention import LinearAttention, SoftmaxAttention
 from t2r.modeling.config import T2RConfig
@@ -32,14 +33,20 @@ class T2RForCausalLM(nn.Module):
         self.adapter = adapter
         self.config = config
 
-    def with_global_cache(self, slots: int) -> T2RForCausalLM:
+    def with_global_cache(self, slots: int | None, select: str | None = None) -> T2RForCausalLM:
         """This model with a sparse global cache of `slots` per layer and key/value head
         (`ops.global_cache`; 0: none), in place: the cache is training-free, a setting of inference.
-        Layers with no linear part (a teacher's local layer kept) take none."""
-        self.config = dataclasses.replace(self.config, global_cache=slots)  # checked there
+        select: how a prefill fills it, "recall" or "prompt" (`T2RConfig.global_select`). None
+        keeps what the model has. Layers with no linear part (a teacher's local layer kept) take none."""
+        slots = self.config.global_cache if slots is None else slots
+        if select == "prompt" and not slots:
+            raise UsageError("--global-select prompt chooses the keys of a global cache: give one (--global-cache N)")
+        select = self.config.global_select if select is None else select
+        self.config = dataclasses.replace(self.config, global_cache=slots, global_select=select)  # checked there
         for attention in self.attentions:
             if isinstance(attention, LinearAttention):
                 attention.global_cache = slots
+                attention.global_select = select
         return self
 
     @property

@@ -7,6 +7,9 @@ Every form shares one signature, `op(q, k, v, initial_state=None, eps=...) -> (o
     windowed_step.py     the hybrid one token at a time (the read and the eviction every step shares)
     windowed_chunked.py  exact chunked hybrid, memory O(T * (C + W))
     windowed_ring.py     the hybrid's step in place on a ring buffer: the decode path's form
+    global_cache.py      a sparse global cache (LoLA): the exchange by self-recall error
+    windowed_scan.py     a state with a global cache over a prefill, token by token
+    global_select.py     a global cache chosen by the prompt's last queries (SnapKV), for prefill
     state.py             the state types passed in and returned
     dispatch.py          `attention_op(form, chunk_size, hybrid, compiled)`: one op by name
     toolchain.py         whether native code can be built here (a C++ compiler)
@@ -19,3 +22,4 @@ This file imports nothing, so that the names of the forms are known without load
 """
 
 FORMS = ("parallel", "chunked", "recurrent")
+GLOBAL_SELECTS = ("recall", "prompt")  # how a prefill fills a global cache: `dispatch.attention_op`

@@ -3,7 +3,9 @@
 `parallel` is the quadratic reference, `chunked` is exact with O(T * C) memory, `recurrent` loops
 the single-token step; `hybrid` picks the window + linear op of `ops.windowed` (its own signature)
 instead of pure linear attention. A hybrid state with a global cache goes through the recurrent
-form's loop, made for prefill (`ops.windowed_scan`), whatever the form asked.
+form's loop, made for prefill (`ops.windowed_scan`), whatever the form asked; or, with the cache
+chosen by the prompt's last queries (`global_select="prompt"`, `ops.global_select`), the form asked
+for all but the prompt's last tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Callable
 import torch
 
 from t2r.errors import UsageError
-from t2r.ops import FORMS
+from t2r.ops import FORMS, GLOBAL_SELECTS
 from t2r.ops.chunked import chunked_linear_attention
+from t2r.ops.global_select import prompt_selected_attention
 from t2r.ops.reference import causal_linear_attention, recurrent_linear_attention
 from t2r.ops.state import LinearAttentionState
 from t2r.ops.windowed import windowed_attention
@@ -34,8 +37,14 @@ _OPS_BY_FORM = {
 assert tuple(_OPS_BY_FORM) == FORMS
 
 
-def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False, compiled: bool = False) -> AttentionOp:
+def attention_op(
+    form: str, chunk_size: int = 64, hybrid: bool = False, compiled: bool = False, global_select: str = "recall"
+) -> AttentionOp:
     """The op of a form; `chunk_size` is bound for the chunked form.
+
+    global_select: how a hybrid state with a global cache fills it in the parallel and chunked forms
+    (a prefill): "recall", token by token by self-recall error (`ops.windowed_scan`), or "prompt",
+    by the prompt's last queries (`ops.global_select`). Decoding (one token) always goes by recall.
 
     compiled: the chunked form through `torch.compile` (inductor fuses its many elementwise steps,
     forward and backward: ~25% of a training step's attention time here); the same maths, tested
@@ -43,19 +52,26 @@ def attention_op(form: str, chunk_size: int = 64, hybrid: bool = False, compiled
     """
     if form not in _OPS_BY_FORM:
         raise UsageError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}")
+    if global_select not in GLOBAL_SELECTS:
+        raise UsageError(f"unknown global cache selection {global_select!r}; choose one of {', '.join(GLOBAL_SELECTS)}")
     op = _OPS_BY_FORM[form][hybrid]
     if form == "chunked":
         op = functools.partial(_compiled(op) if compiled else op, chunk_size=chunk_size)
-    return functools.partial(_token_by_token_with_a_global_cache, op) if hybrid and form != "recurrent" else op
+    if hybrid and form != "recurrent":
+        return functools.partial(_with_a_global_cache, op, global_select)
+    return op
 
 
-def _token_by_token_with_a_global_cache(op: AttentionOp, *args, **kwargs) -> tuple:
-    """A hybrid op, or for a state with a global cache its token-by-token prefill form
-    (`ops.windowed_scan`): which keys stay cached depends on every earlier choice."""
+def _with_a_global_cache(op: AttentionOp, global_select: str, *args, **kwargs) -> tuple:
+    """A hybrid op, or for a state with a global cache its prefill form: token by token
+    (`ops.windowed_scan`: which keys stay cached depends on every earlier choice), or the cache
+    chosen by the prompt's last queries (`ops.global_select`)."""
     initial_state = args[6] if len(args) > 6 else kwargs["initial_state"]
-    if initial_state.global_slots:
-        return scanned_windowed_attention(*args, **kwargs)
-    return op(*args, **kwargs)
+    if not initial_state.global_slots:
+        return op(*args, **kwargs)
+    if global_select == "prompt":
+        return prompt_selected_attention(op, *args, **kwargs)
+    return scanned_windowed_attention(*args, **kwargs)
 
 
 @functools.cache

@@ -32,7 +32,8 @@ class Metrics:
             "t2r_session_disk_bytes", "Bytes of session files in --sessions-dir", registry=registry
         )
         self.session_files_evicted = Gauge(
-            "t2r_session_files_evicted", "Session files removed, oldest first, to stay within --sessions-dir-mb",
+            "t2r_session_files_evicted",
+            "Session files removed, oldest first, to stay within --sessions-dir-mb",
             registry=registry,
         )
         self.step_seconds = Histogram(

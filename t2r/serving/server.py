@@ -74,8 +74,8 @@ def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metri
 
 def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     model, tokenizer = load_model(args.model)
-    if args.global_cache is not None and isinstance(model, T2RForCausalLM):
-        model.with_global_cache(args.global_cache)
+    if isinstance(model, T2RForCausalLM):
+        model.with_global_cache(args.global_cache, args.global_select)
     if not isinstance(model, T2RForCausalLM):
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
     # Stacked q/k/v and gate/up (fewer kernels) in the chosen format, kept on disk for the next start.
