@@ -152,8 +152,17 @@ def modules_after(setup: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "argv",
-    [None, ["--help"], ["--version"], ["generate", "--help"], ["train", "--help"], ["serve", "--help"],
-     ["bench", "--help"], ["eval", "--help"], ["convert", "--no-such-flag"]],
+    [
+        None,
+        ["--help"],
+        ["--version"],
+        ["generate", "--help"],
+        ["train", "--help"],
+        ["serve", "--help"],
+        ["bench", "--help"],
+        ["eval", "--help"],
+        ["convert", "--no-such-flag"],
+    ],
 )
 def test_import_and_help_load_no_heavy_module(argv: list[str] | None) -> None:
     """`import t2r` (argv None) and parsing each command line load none of HEAVY_PREFIXES."""

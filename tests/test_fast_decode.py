@@ -316,10 +316,11 @@ def test_batched_generation_equals_one_prompt_at_a_time() -> None:
 
 
 def test_compiled_step_is_kept_and_loaded_by_the_next_decoder(tmp_path) -> None:
-    """`Decoder(compile=True, artifacts=folder)`: the first decoder compiles the step ahead of time
-    and keeps it; a second decoder (a fresh compiler, as in a new process) loads the file instead
-    of compiling, and it is still exact for a model of other weights (the file holds code, not
-    weights) and for a smaller batch (its guards reject it: the lazy step runs)."""
+    """`Decoder(compile=True, artifacts=folder)`: the first decoder compiles the step of batches of
+    2 or more ahead of time and keeps it; a second decoder (a fresh compiler, as in a new process)
+    loads the file instead of compiling, and it is still exact for a model of other weights (the
+    file holds code, not weights) and for a batch of another size (its batch dimension is symbolic);
+    a batch of 1 is a class of its own: its step is made and kept beside it, exact too."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
@@ -332,14 +333,19 @@ def test_compiled_step_is_kept_and_loaded_by_the_next_decoder(tmp_path) -> None:
             parameter.add_(torch.randn_like(parameter) * 0.05)
     loaded = Decoder(compile=True, backend="aot_eager", artifacts=tmp_path)
     assert_fast_path_matches_reference(model, loaded)
-    assert list(tmp_path.iterdir()) == kept and loaded._ahead is not None
+    assert list(tmp_path.iterdir()) == kept and loaded._ahead_by_class[True] is not None
     ids, mask = left_padded_batch()
+    three_ids, three_mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+    token = three_ids[:, 20].contiguous()  # as a server's tokens are (the steps were made for such)
     with torch.no_grad():
-        _, state = model(ids[:, :20], mask[:, :20], form="chunked")
-        alone = FastState.from_model_state(state).select(torch.tensor([1]))
-        assert not loaded._ahead.guard_check(model, ids[1:, 20], alone)
-        expected, state = model.step(ids[:, 20], state)
-        assert (loaded(model, ids[1:, 20], alone) - expected[1:]).abs().max() <= TOLERANCE
+        _, state = model(three_ids[:, :20], three_mask[:, :20], form="chunked")
+        three = FastState.from_model_state(state)
+        assert loaded._ahead_by_class[True].guard_check(model, token, three)
+        alone = three.select(torch.tensor([1]))
+        expected, state = model.step(token, state)
+        assert (loaded(model, token, three) - expected).abs().max() <= TOLERANCE
+        assert (loaded(model, token[1:2].clone(), alone) - expected[1:2]).abs().max() <= TOLERANCE
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and loaded._ahead is not None  # batch 1: kept beside it
 
 
 def test_a_growing_cache_is_not_compiled_ahead_of_time(tmp_path) -> None:
@@ -348,3 +354,19 @@ def test_a_growing_cache_is_not_compiled_ahead_of_time(tmp_path) -> None:
     model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5, softmax_layers=(1,)))
     assert_fast_path_matches_reference(model, Decoder(compile=True, backend="aot_eager", artifacts=tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_warm_up_makes_the_step_of_each_batch_class_before_any_request(tmp_path) -> None:
+    """A server warms its decoder at start: the step of batch 1 and the step of larger batches are
+    made (or loaded) then, and a server of one row needs only the first."""
+    torch._dynamo.reset()
+    model = trained_looking(converted("llama", "hedgehog", tie_qk=False, window=5))
+    Decoder(compile=True, backend="aot_eager", artifacts=tmp_path / "one").warm_up(model, 1)
+    assert len(list((tmp_path / "one").glob("*.pt"))) == 1
+    decoder = Decoder(compile=True, backend="aot_eager", artifacts=tmp_path / "many")
+    decoder.warm_up(model, 8)
+    assert len(list((tmp_path / "many").glob("*.pt"))) == 2
+    assert decoder._ahead_by_class[False] is not None and decoder._ahead_by_class[True] is not None
+    assert_fast_path_matches_reference(model, decoder)  # and the warmed steps decode exactly
+    Decoder(compile=False, artifacts=tmp_path / "eager").warm_up(model, 8)  # eager: nothing to make
+    assert not (tmp_path / "eager").exists()

@@ -306,7 +306,8 @@ def test_sigterm_drains_the_active_rows_then_exits(converted_folder) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "t2r", "serve", str(converted_folder), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "t2r", "serve", str(converted_folder), "--port", str(port),
+                                "--weights", "fp32", "--no-compile"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -594,3 +595,18 @@ def test_a_session_the_server_names_is_unguessable_and_continues(served: Served)
     assert served.engine.sessions.get(name).tokens == 3 + 4 + 2 + 4  # both turns, in one state
     both = post(served, "completions", {"model": NAME, "prompt": "x", "session": "s", "new_session": True})
     assert both.status_code == 400 and "not both" in both.json()["error"]["message"]
+
+
+def test_serve_decodes_with_the_fastest_path_the_machine_supports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No flag: int4 and the compiled step where the machine runs them, else fp32 / eager with a
+    reason; a flag always wins (--weights fp32 --no-compile opts out)."""
+    from t2r.serving import server
+
+    monkeypatch.setattr(server, "machine_lacks_kernel", lambda: None)
+    monkeypatch.setattr(server, "cpp_compiler_missing", lambda: None)
+    assert server.fastest_decode(None, None) == ("int4", True, "")
+    assert server.fastest_decode("fp32", False) == ("fp32", False, "")
+    monkeypatch.setattr(server, "machine_lacks_kernel", lambda: "no AVX2")
+    monkeypatch.setattr(server, "cpp_compiler_missing", lambda: "no C++ compiler")
+    assert server.fastest_decode(None, None) == ("fp32", False, "weights fp32: no AVX2; not compiled: no C++ compiler")
+    assert server.fastest_decode("int8", True) == ("int8", True, "")

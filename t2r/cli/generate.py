@@ -13,21 +13,35 @@ from t2r.inference.stopping import eos_ids
 from t2r.modeling.config import WEIGHT_FORMATS
 
 
-def add_decode_flags(parser: argparse.ArgumentParser) -> None:
-    """How the decode step runs: weight format, compilation, a global cache."""
+def add_decode_flags(parser: argparse.ArgumentParser, fastest_by_default: bool = False) -> None:
+    """How the decode step runs: weight format, compilation, a global cache. fastest_by_default
+    (serve): no flag means the fastest path this machine supports (`serving.server.fastest_decode`)."""
     add_global_cache_flag(parser, "given to the converted model as it loads (default: its own)")
     parser.add_argument(
         "--weights",
         choices=WEIGHT_FORMATS,
-        default="fp32",
-        help="decode with fp32, bf16, int8 or int4 weight-only projections (the state stays fp32)",
+        default=None if fastest_by_default else "fp32",
+        help="decode with fp32, bf16, int8 or int4 weight-only projections (the state stays fp32)"
+        + (
+            " (default: int4 where t2r's int4 kernel runs: Linux, AVX2, a C++ compiler; else fp32)"
+            if fastest_by_default
+            else ""
+        ),
     )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step: the first run compiles and keeps the step in "
-        "$T2R_CACHE_DIR/compiled-steps (default ~/.cache/t2r), later runs load it in seconds",
+    compile_help = (
+        "torch.compile the decode step: the first run compiles and keeps the step in "
+        "$T2R_CACHE_DIR/compiled-steps (default ~/.cache/t2r), later runs load it in seconds"
     )
+    if fastest_by_default:
+        parser.add_argument(
+            "--compile",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=compile_help + "; one step for batch 1 and one for larger batches, made or loaded at start "
+            "(default: on where a C++ compiler is on PATH)",
+        )
+    else:
+        parser.add_argument("--compile", action="store_true", help=compile_help)
 
 
 def add_parser(commands: Any) -> None:

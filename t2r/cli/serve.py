@@ -57,7 +57,7 @@ def add_parser(commands: Any) -> None:
                         help="bytes of session files kept in --sessions-dir; past it the least recently written "
                         "go first")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
-    add_decode_flags(parser)
+    add_decode_flags(parser, fastest_by_default=True)
     parser.set_defaults(run=run)
 
 

@@ -242,9 +242,11 @@ class Decoder:
     recompiles once, then the batch dimension is dynamic. The compiled step is tested equal to
     `model.step`.
 
-    With `artifacts` (a folder), the first call's step is compiled ahead of time and kept there
-    (`t2r.modeling.step_artifacts`): the next process loads it in seconds instead of compiling.
-    Calls its guards reject (another batch size, a growing softmax cache) take the lazy step.
+    With `artifacts` (a folder), the step is compiled ahead of time per batch-size class and kept
+    there (`t2r.modeling.step_artifacts`): one step for batch 1 and one for every batch of 2 or
+    more (its batch dimension symbolic), each made at the first call of its class, or by `warm_up`;
+    the next process loads them in seconds instead of compiling. Calls their guards reject (a
+    growing softmax cache, another shape) take the lazy step.
     """
 
     def __init__(self, compile: bool = False, backend: str = "inductor", artifacts: Path | None = None) -> None:
@@ -255,22 +257,42 @@ class Decoder:
         self._step: Any = None if compile else fast_step
         self._backend = backend
         self._artifacts = artifacts if compile else None
-        self._ahead: Any = None  # the ahead-of-time step, once the first call has made or loaded it
+        # Per batch-size class (True: 2 or more), the ahead-of-time step once its first call has
+        # made or loaded it (None: it could not be; the lazy step runs).
+        self._ahead_by_class: dict[bool, Any] = {}
         # The step's subnormals cost a quarter of its time (t2r.ops.denormals). This reaches the
         # intra-op threads only if no parallel operation has run yet (`t2r` sets it at start-up).
         flush_denormals()
 
+    @property
+    def _ahead(self) -> Any:
+        """The ahead-of-time step of batch 1 (None: none made or loaded)."""
+        return self._ahead_by_class.get(False)
+
+    def warm_up(self, model: T2RForCausalLM, max_batch: int) -> None:
+        """Make or load now the ahead-of-time steps a server of `max_batch` rows will call (each
+        class decodes one token of a scratch state), so that no request waits for a compilation."""
+        if self._artifacts is None:
+            return
+        for rows in sorted({1, min(2, max_batch)}):
+            scratch = FastState.from_model_state(model.init_state(rows))
+            with torch.no_grad():
+                self(model, torch.zeros(rows, dtype=torch.long, device=model.device), scratch)
+
     def __call__(self, model: T2RForCausalLM, input_ids: torch.Tensor, state: FastState) -> torch.Tensor:
-        if self._artifacts is not None:
-            folder, self._artifacts = self._artifacts, None  # one try, at the first call
-            # A softmax layer's cache grows every step: a step specialised on its shape would
-            # serve one call.
-            if not any(isinstance(layer, KVCacheState) for layer in state.layers):
-                self._ahead = load_or_compile(fast_step, (model, input_ids, state), folder, self._backend)
-                if self._ahead is not None:
-                    self._ahead.disable_guard_check()  # checked here, once per call
-        if self._ahead is not None and self._ahead.guard_check(model, input_ids, state):
-            return self._ahead(model, input_ids, state)
+        many = input_ids.shape[0] > 1
+        # A softmax layer's cache grows every step: a step specialised on its shape would serve one call.
+        if self._artifacts is not None and many not in self._ahead_by_class:
+            growing = any(isinstance(layer, KVCacheState) for layer in state.layers)
+            ahead = None if growing else load_or_compile(
+                fast_step, (model, input_ids, state), self._artifacts, self._backend, dynamic_batch=many
+            )  # fmt: skip
+            if ahead is not None:
+                ahead.disable_guard_check()  # checked here, once per call
+            self._ahead_by_class[many] = ahead
+        ahead = self._ahead_by_class.get(many)
+        if ahead is not None and ahead.guard_check(model, input_ids, state):
+            return ahead(model, input_ids, state)
         if self._step is None:
             self._step = torch.compile(fast_step, backend=self._backend)
         return self._step(model, input_ids, state)

@@ -46,8 +46,9 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def artifact_key(function: Callable, args: tuple, backend: str) -> str:
-    """A hex digest of everything the compiled `function(*args)` is specialised on."""
+def artifact_key(function: Callable, args: tuple, backend: str, dynamic_batch: bool = False) -> str:
+    """A hex digest of everything the compiled `function(*args)` is specialised on (with
+    dynamic_batch, not the batch size: the first dimension of every input of that size)."""
     digest = hashlib.sha256(source_digest().encode())
     description = {
         "function": f"{function.__module__}.{function.__qualname__}",
@@ -58,6 +59,11 @@ def artifact_key(function: Callable, args: tuple, backend: str) -> str:
         "threads": torch.get_num_threads(),  # inductor's CPU kernels are generated for a thread count
         "args": [describe(arg) for arg in args],
     }
+    if dynamic_batch:
+        description["dynamic_batch"] = True
+        description["args"] = json.loads(
+            json.dumps(description["args"], default=str).replace(f'["tensor", [{batch_size(args)},', '["tensor", ["B",')
+        )
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:32]
 
@@ -79,20 +85,48 @@ def describe(value: Any) -> Any:
     return repr(value)
 
 
-def load_or_compile(function: Callable, args: tuple, folder: Path, backend: str = "inductor") -> Any | None:
+def batch_size(args: tuple) -> int:
+    """The batch size of a step's arguments: the first dimension of its input ids (args[1])."""
+    return int(args[1].shape[0])
+
+
+def mark_batch_dynamic(value: Any, size: int) -> None:
+    """Mark the first dimension of every tensor in `value` whose first dimension is `size` dynamic."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] == size:
+            torch._dynamo.mark_dynamic(value, 0)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            mark_batch_dynamic(getattr(value, field.name), size)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            mark_batch_dynamic(item, size)
+
+
+def load_or_compile(
+    function: Callable, args: tuple, folder: Path, backend: str = "inductor", dynamic_batch: bool = False
+) -> Any | None:
     """The ahead-of-time compiled `function` for `args`: loaded from `folder`, else compiled there.
 
     Returns an `AOTCompiledFunction` (callable like `function`, with `guard_check(*args)`), or None
     when PyTorch cannot compile or load it ahead of time (the caller then compiles lazily).
+    dynamic_batch: one step for every batch size of 2 or more (the batch dimension symbolic; dynamo
+    specialises a size of 1, which takes a step of its own): args' batch must then be 2 or more.
     """
-    path = folder / f"{artifact_key(function, args, backend)}.pt"
+    path = folder / f"{artifact_key(function, args, backend, dynamic_batch)}.pt"
+    what = "batches of 2 or more" if dynamic_batch else f"batch {batch_size(args)}"
     if path.exists():
         try:
             with path.open("rb") as file, vector_isas_as_probed(path.with_suffix(".json")):
-                return torch.compiler.load_compiled_function(file)
+                loaded = torch.compiler.load_compiled_function(file)
+            log.info("t2r: decode step for %s loaded from %s", what, path)
+            return loaded
         except Exception as error:  # a stale or partial file: compile again below
             log.warning("t2r: compiled step %s did not load (%s); compiling again", path, error)
+    log.warning("t2r: compiling the decode step for %s (minutes, once: kept in %s)", what, folder)
     try:
+        if dynamic_batch:
+            mark_batch_dynamic(args[1:], batch_size(args))
         compiled = torch.compile(function, fullgraph=True, backend=backend).aot_compile((args, {}))
     except Exception as error:  # a graph break or an unsupported operation: the lazy path
         log.warning("t2r: the step does not compile ahead of time (%s); compiling lazily", error)

@@ -4,6 +4,7 @@ server that drains on SIGTERM (finishes the active rows, refuses new requests, t
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,15 @@ from t2r.inference.stopping import eos_ids
 from t2r.modeling.decode_weights import decoding_model
 from t2r.modeling.fast_decode import Decoder
 from t2r.modeling.model import T2RForCausalLM
+from t2r.ops.int4_matmul import machine_lacks_kernel
+from t2r.ops.toolchain import cpp_compiler_missing
 from t2r.serving.app import Settings, create_app
 from t2r.serving.engine import Engine
 from t2r.serving.metrics import Metrics
 from t2r.serving.prefix_cache import PrefixCache
 from t2r.serving.sessions import SessionStore
+
+log = logging.getLogger("t2r.serve")
 
 
 class DrainingServer(uvicorn.Server):
@@ -68,11 +73,33 @@ def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metri
     except OSError as error:  # a --sessions-dir that cannot be made or written
         raise UsageError(f"--sessions-dir {args.sessions_dir}: {error.strerror or error}") from None
     decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
+    decoder.warm_up(model, args.max_batch)  # no request waits for a compilation (logged when it runs)
     engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions)
     return engine, sessions
 
 
+def fastest_decode(weights: str | None, compile: bool | None) -> tuple[str, bool, str]:
+    """The decode path a server takes: what the flags name, else the fastest this machine
+    supports (int4 through t2r's kernel, the compiled step; BENCHMARKS.md, serve). Returns the
+    weight format, whether to compile, and a line saying why where a default was not the fastest."""
+    why = []
+    if weights is None:
+        lacking = machine_lacks_kernel()
+        weights = "fp32" if lacking else "int4"
+        if lacking:
+            why.append(f"weights fp32: {lacking}")
+    if compile is None:
+        missing = cpp_compiler_missing()
+        compile = missing is None
+        if missing:
+            why.append(f"not compiled: {missing}")
+    return weights, compile, "; ".join(why)
+
+
 def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
+    args.weights, args.compile, slower = fastest_decode(args.weights, args.compile)
+    if slower:
+        log.warning("t2r serve: a slower decode path (%s)", slower)
     model, tokenizer = load_model(args.model)
     if isinstance(model, T2RForCausalLM):
         model.with_global_cache(args.global_cache, args.global_select)
