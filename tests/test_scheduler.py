@@ -196,11 +196,12 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_running_rows
     """A prompt of 4 segments and a bit arrives while 3 rows decode: it is prefilled one segment
     per step, each running row still gains a token every step, and everyone decodes what it
     decodes alone."""
-    from t2r.inference.scheduler import PREFILL_SEGMENT
+    from t2r.inference.prefill_budget import PREFILL_SEGMENT, PrefillBudget
 
     greedy = Sampling(greedy=True)
     running = [Request(prompt, 20, greedy) for prompt in prompts(3)]
-    scheduler = Scheduler(model, max_batch=4)
+    # A budget of PREFILL_SEGMENT tokens whatever is measured: the count of steps below is exact.
+    scheduler = Scheduler(model, max_batch=4, budget=PrefillBudget(smallest=PREFILL_SEGMENT))
     for request in running:
         scheduler.submit(request)
     scheduler.step()

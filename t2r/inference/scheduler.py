@@ -2,8 +2,9 @@
 
 Every active sequence advances one token per `step()`, all in one batched fast step. A submitted
 request waits until a row is free (`max_batch`), is prefilled through the chunked form one segment
-per step (PREFILL_SEGMENT tokens: the running rows decode between two segments, so a long prompt
-does not stall them; short prompts arriving together share one forward) and joins the running
+per step (as many tokens as `PrefillBudget` allows: about half a decode step's time; the running
+rows decode between two segments, so a long prompt does not stall them; short prompts arriving
+together share one forward) and joins the running
 batch; a row that emits a stop token, reaches its budget or is cancelled leaves at once. Each
 request keeps its own sampling (its own seeded generator), so a request's tokens do not depend on
 what else is being served: greedy requests decode exactly what `t2r.inference.generate` decodes
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from t2r.inference.generate import left_padded
+from t2r.inference.prefill_budget import PREFILL_SEGMENT, PrefillBudget
 from t2r.inference.sampling import Sampling, chooser
 from t2r.inference.state_slots import StateSlots
 from t2r.modeling.fast_decode import FastState, fast_step
@@ -71,23 +73,27 @@ class Request:
         self.finish, self.error = "error", error
 
 
-# prefill(model, request): a generator that prefills the prompt in segments, yielding between them
-# (the scheduler decodes a step of the running rows before it asks for the next segment), and
-# returns (logits [1, V] after the prompt, the state after it).
-PrefillSteps = Generator[int, None, tuple[torch.Tensor, ModelState]]
+# prefill(model, request): a generator that prefills the prompt in segments. It first yields 0
+# before any work (the scheduler primes it with next()); then each send(n) prefills one segment of
+# at most n tokens (None: PREFILL_SEGMENT) and yields the tokens done, so that the scheduler decodes
+# a step of the running rows between two segments; it returns (logits [1, V] after the prompt, the
+# state after it).
+PrefillSteps = Generator[int, int | None, tuple[torch.Tensor, ModelState]]
 Prefill = Callable[[T2RForCausalLM, Request], PrefillSteps]
-PREFILL_SEGMENT = 256  # tokens of a prompt prefilled between two decode steps
 
 
 def plain_prefill(model: T2RForCausalLM, request: Request) -> PrefillSteps:
-    """The prompt in segments of PREFILL_SEGMENT tokens through the chunked form."""
+    """The prompt through the chunked form, in segments of the sizes sent."""
     ids, state, logits = request.prompt[None].to(model.device), request.start_state, None
-    for start in range(0, ids.shape[1], PREFILL_SEGMENT):
+    start = 0
+    budget = yield 0
+    while start < ids.shape[1]:
         if logits is not None:
-            yield start
+            budget = yield start
+        end = min(ids.shape[1], start + (budget or PREFILL_SEGMENT))
         with torch.no_grad():
-            logits, state = model(ids[:, start : start + PREFILL_SEGMENT], state=state, form="chunked",
-                                  logits_to_keep=1)  # fmt: skip
+            logits, state = model(ids[:, start:end], state=state, form="chunked", logits_to_keep=1)
+        start = end
     assert logits is not None and state is not None
     return logits[:, -1], state
 
@@ -109,6 +115,7 @@ class Scheduler:
         step: Step = fast_step,
         prefill: Prefill = plain_prefill,
         batchable: Callable[[Request], bool] = lambda request: request.start_state is None,
+        budget: PrefillBudget | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -117,6 +124,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
         self.prefilling: list[tuple[Request, PrefillSteps]] = []  # admitted, prompt partly prefilled
+        self.budget = PrefillBudget() if budget is None else budget  # each segment's size
+        self._prefilled: dict[Request, int] = {}  # tokens of each prompt prefilled so far
         self.logits: torch.Tensor | None = None
         empty = FastState.from_model_state(model.init_state(1))
         # The state of `max_batch` rows, allocated once (None: softmax layers, states are joined).
@@ -196,7 +205,9 @@ class Scheduler:
                 request.fail(error)
             self._keep([])
             return
-        self.step_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.step_seconds += elapsed
+        self.budget.observe_step(elapsed)
         self.steps += 1
         for row, request in enumerate(self.active):
             if request.finish == "length":  # kept its state: it leaves now
@@ -267,24 +278,38 @@ class Scheduler:
         for request in admitted:
             if request in together and len(together) > 1:
                 continue
-            self.prefilling.append((request, self.prefill(self.model, request)))
+            try:
+                steps = self.prefill(self.model, request)
+                next(steps)  # primed: it waits for its first segment's size
+                self.prefilling.append((request, steps))
+                self._prefilled[request] = 0
+            except Exception as error:
+                request.fail(error)
         self._advance_prefills()
 
     def _advance_prefills(self) -> None:
         """One segment of every prompt being prefilled; a prompt done joins the batch. Between two
         segments the running rows decode a step: a long prompt does not stall them."""
         still: list[tuple[Request, PrefillSteps]] = []
+        size = self.budget.tokens(decoding=bool(self.active), prompts=len(self.prefilling))
         for request, steps in self.prefilling:
             if request.finish is not None:  # cancelled while its prompt was prefilled
                 steps.close()
+                self._prefilled.pop(request, None)
                 continue
+            started, before = time.perf_counter(), self._prefilled[request]
             try:
-                next(steps)
+                done = steps.send(size)
+                self.budget.observe_prefill(done - before, time.perf_counter() - started)
+                self._prefilled[request] = done
                 still.append((request, steps))
-            except StopIteration as done:
-                logits, state = done.value
+            except StopIteration as finished:
+                self._prefilled.pop(request)
+                self.budget.observe_prefill(len(request.prompt) - before, time.perf_counter() - started)
+                logits, state = finished.value
                 self._join(request, logits, FastState.from_model_state(state))
             except Exception as error:
+                self._prefilled.pop(request, None)
                 request.fail(error)
         self.prefilling = still
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from t2r.inference.prefill_budget import PREFILL_SEGMENT
 from t2r.modeling.model import T2RForCausalLM
 from t2r.ops.state import ModelState
 
@@ -68,12 +69,10 @@ def prefix_keys(ids: torch.Tensor, block: int, salt: bytes = b"") -> list[tuple[
     return keys
 
 
-# A prompt is prefilled in segments of at most this many tokens: between two segments the server
-# decodes a step of the running rows (a long prompt does not stall them), and a scored prompt (echo
-# + logprobs) holds [PREFILL_SEGMENT, V] logits at a time, never [T, V].
-PREFILL_SEGMENT = 256
-
-PrefillSteps = Generator[int, None, tuple[torch.Tensor, ModelState, int]]
+# A prompt is prefilled in segments of at most PREFILL_SEGMENT tokens (smaller while rows decode:
+# `t2r.inference.prefill_budget`): between two segments the server decodes a step of the running
+# rows, and a scored prompt (echo + logprobs) holds [<= PREFILL_SEGMENT, V] logits, never [T, V].
+PrefillSteps = Generator[int, int | None, tuple[torch.Tensor, ModelState, int]]
 
 
 def segmented_prefill_steps(
@@ -85,8 +84,9 @@ def segmented_prefill_steps(
     each_segment: Callable[[torch.Tensor, int], None] | None = None,
     salt: bytes = b"",
 ) -> PrefillSteps:
-    """Prefill ids [T] from `state` in segments of at most PREFILL_SEGMENT tokens that also end at
-    multiples of `block`, yielding the tokens done after every segment but the last.
+    """Prefill ids [T] from `state` in segments that end at multiples of `block` too: first it
+    yields 0 (primed, no work done), then each send(n) prefills a segment of at most n tokens (None:
+    PREFILL_SEGMENT; never more) and yields the tokens done, except after the last segment.
 
     Without a starting state, the longest cached prefix is used (unless `each_segment`: every
     position's logits are needed) and the states at the boundaries passed are cached (`salt`: the
@@ -107,13 +107,15 @@ def segmented_prefill_steps(
         else:
             cache.misses += 1
     cached = start
-    ends = [end for end, _ in keys if end > start] + [len(ids)]
-    ends = sorted(set(ends) | set(range(start + PREFILL_SEGMENT, len(ids), PREFILL_SEGMENT)))
     key_at = dict(keys)
+    boundaries = sorted(end for end in key_at if end > start)
     logits = None
-    for end in ends:
+    budget = yield 0
+    while start < len(ids):
         if logits is not None:
-            yield start  # a segment is done: the caller may decode a step before the next
+            budget = yield start  # a segment is done: the caller may decode a step before the next
+        size = min(budget or PREFILL_SEGMENT, PREFILL_SEGMENT)
+        end = min([len(ids), start + size, *(b for b in boundaries if b > start)])
         segment = ids[start:end][None].to(model.device)
         with torch.no_grad():
             logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if each_segment else 1)
@@ -129,8 +131,9 @@ def segmented_prefill_steps(
 def segmented_prefill(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, ModelState, int]:
     """`segmented_prefill_steps` run to its end at once (its arguments and its result)."""
     steps = segmented_prefill_steps(*args, **kwargs)
+    next(steps)
     while True:
         try:
-            next(steps)
+            steps.send(None)
         except StopIteration as done:
             return done.value
