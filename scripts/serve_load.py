@@ -2,16 +2,19 @@
 
     python scripts/serve_load.py [--model t2r-smollm2-135m] [--levels 1,8,32] [--requests 200]
 
-Each engine runs as its own server process (`t2r serve`, and `python -m llama_cpp.server` from
-llama-cpp-python[server] when it is installed), both with --threads threads. For each concurrency
+Each engine runs as its own server process (`t2r serve` on its default, fastest path unless
+--weights / --compile say otherwise, and `python -m llama_cpp.server` from llama-cpp-python[server],
+the `llama` extra, when it is installed), both with --threads threads. For each concurrency
 level, in turn for each engine (t2r, llama.cpp, t2r, ... so that the machine's drift hits both),
 `level` asyncio clients of the real `openai` client stream --requests completions in all: prompts
 cut from a public-domain novel (../shared/data), greedy, --max-tokens new tokens each with the end
 of text suppressed (t2r: `ignore_eos`; llama.cpp: a -100 logit bias) so both decode the same
 number of tokens. Recorded per level: time to first token p50/p99, inter-token latency p50/p99
 (gaps between streamed chunks), aggregate output tokens/s (tokens / the level's wall time), failed
-requests. Then t2r alone serves more requests at the top level until it has answered --soak in all
-and its RSS after 100 and after --soak requests is compared. Last, sessions: a session is opened
+requests. Then t2r alone: a warm-up at the top level, then --soak more requests at that level, its
+RSS taken after the first 100 and after all of them. Then a long prompt: --streams streams decode
+--stream-tokens tokens each, once alone and once while a --long-prompt-token prompt arrives, and
+their inter-token latency p99 is compared (chunked prefill between decode steps). Last, sessions: a session is opened
 with a --long-history-token history and another with a 50-token one, and the time to first token
 of their next short turns is compared (the long history is also sent whole, without a session,
 to both engines: what a server without kept states must do).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import os
 import socket
@@ -103,11 +107,11 @@ def start_t2r(args: argparse.Namespace) -> Server:
         str(max(args.levels)),
         "--max-queue",
         "1024",
-        "--weights",
-        args.weights,
         "--served-model-name",
         "t2r",
-    ] + (["--compile"] if args.compile else [])
+    ]
+    command += [] if args.weights is None else ["--weights", args.weights]
+    command += [] if args.compile is None else ["--compile" if args.compile else "--no-compile"]
     log = open(OUT / "t2r.log", "w")
     server = Server(
         "t2r",
@@ -116,7 +120,7 @@ def start_t2r(args: argparse.Namespace) -> Server:
         port,
         {"extra_body": {"ignore_eos": True}},
     )
-    wait_ready(server, f"http://127.0.0.1:{port}/health")
+    wait_ready(server, f"http://127.0.0.1:{port}/health", timeout=2400)  # a first start compiles its steps
     return server
 
 
@@ -232,6 +236,52 @@ def summarise(outcomes: list[Outcome], wall: float, max_tokens: int) -> dict:
     }
 
 
+async def long_prompt_gaps(server: Server, texts: list[str], tokens: int, long_prompt: str | None) -> dict:
+    """`len(texts)` streams of `tokens` tokens each; with `long_prompt`, it is sent once they all
+    stream. Returns the streams' inter-token gaps (all of them, and those while the long prompt was
+    being prefilled: from its sending to its first token) and the long prompt's time to first token."""
+    api = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
+    started = [asyncio.Event() for _ in texts]
+    stamps: list[list[float]] = [[] for _ in texts]
+
+    async def stream(index: int, text: str) -> None:
+        response = await api.completions.create(
+            model=server.model, prompt=text, max_tokens=tokens, temperature=0, stream=True, **server.extra
+        )
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].text:
+                stamps[index].append(time.perf_counter())
+                started[index].set()
+
+    async def late() -> tuple[float, float]:
+        for event in started:
+            await event.wait()
+        await asyncio.sleep(0.5)  # the streams at their pace
+        sent = time.perf_counter()
+        outcome = await one_request(api, server, long_prompt, 1)
+        assert outcome.ttft is not None, "the long prompt failed"
+        return sent, sent + outcome.ttft
+
+    jobs = [stream(i, text) for i, text in enumerate(texts)]
+    window = None
+    if long_prompt is None:
+        await asyncio.gather(*jobs)
+    else:
+        *_, window = await asyncio.gather(*jobs, late())
+    await api.close()
+    pairs = [(a, b) for times in stamps for a, b in itertools.pairwise(times)]
+    gaps = [b - a for a, b in pairs]
+    during = [b - a for a, b in pairs if window is not None and window[0] <= b <= window[1]]
+    return {
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p99_s": percentile(gaps, 99),
+        "gaps": len(gaps),
+        "itl_p99_while_prefilling_s": percentile(during, 99) if during else None,
+        "gaps_while_prefilling": len(during),
+        "long_prompt_ttft_s": None if window is None else window[1] - window[0],
+    }
+
+
 async def session_ttft(server: Server, history: str, turns: int, max_tokens: int) -> list[float]:
     """Open a session with `history`, then time the first token of `turns` short next turns."""
     api = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=3600)
@@ -267,40 +317,60 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=1000)
     parser.add_argument("--long-history", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--weights", default="fp32")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--weights", default=None, help="t2r serve --weights (default: the server's, fastest)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="t2r serve --compile / --no-compile (default: the server's)")  # fmt: skip
+    parser.add_argument("--warm-up", type=int, default=64, help="requests at the top level before the soak")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--stream-tokens", type=int, default=256)
+    parser.add_argument("--long-prompt", type=int, default=4000)
     parser.add_argument("--no-llama", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="write benchmarks/serve/smoke.json only (a trial run)")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     t2r = start_t2r(args)
+    startup = [line for line in (OUT / "t2r.log").read_text().splitlines() if line.startswith("t2r serve:")]
     llama = None if args.no_llama else start_llama(args)
     engines = [e for e in (t2r, llama) if e is not None]
     texts = prompts(args.requests, words_for_tokens(args.prompt_tokens))
-    served = {"t2r": 0}
+    soaked = {"requests": 0}
     rss: dict[str, int] = {}
 
-    def count_t2r(done: int) -> None:
-        served["t2r"] += 1
-        if served["t2r"] in (100, args.soak):
-            rss[str(served["t2r"])] = t2r.rss()
+    def count_soak(done: int) -> None:  # RSS after the soak's 100th request and after its last
+        soaked["requests"] = done
+        if done in (100, args.soak):
+            rss[str(done)] = t2r.rss()
 
     results: dict = {"settings": {k: v for k, v in vars(args).items()}, "levels": {}}
+    if startup:  # "t2r serve: 'NAME' on URL; decode state ...; weights W, compiled; ..."
+        results["t2r_decode"] = next((part.strip() for part in startup[0].split(";") if "weights" in part), "")
     try:
         for level in args.levels:
             for engine in engines:
                 print(f"{engine.name}: {args.requests} requests, {level} concurrent", file=sys.stderr, flush=True)
-                hook = count_t2r if engine is t2r else None
-                outcomes, wall = asyncio.run(run_level(engine, level, texts, args.max_tokens, hook))
+                outcomes, wall = asyncio.run(run_level(engine, level, texts, args.max_tokens))
                 row = summarise(outcomes, wall, args.max_tokens)
                 results["levels"].setdefault(str(level), {})[engine.name] = row
                 print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
         top = max(args.levels)
-        while served["t2r"] < args.soak:  # t2r alone, until --soak requests in all
-            left = args.soak - served["t2r"]
-            asyncio.run(run_level(t2r, top, (texts * (left // len(texts) + 1))[:left], args.max_tokens, count_t2r))
+        print(f"t2r: warm-up, then {args.soak} requests, {top} concurrent", file=sys.stderr, flush=True)
+        asyncio.run(run_level(t2r, top, (texts * (args.warm_up // len(texts) + 1))[: args.warm_up], args.max_tokens))
+        soak = (texts * (args.soak // len(texts) + 1))[: args.soak]
+        outcomes, wall = asyncio.run(run_level(t2r, top, soak, args.max_tokens, count_soak))
+        results["soak"] = summarise(outcomes, wall, args.max_tokens)
         results["rss_bytes"] = rss
+        book = (SHARED / "books" / "pg1342.txt").read_text().split()
+        long_prompt = " ".join(book[-words_for_tokens(args.long_prompt) :])
+        # t2r only: llama-cpp-python's server decodes one sequence at a time (no running streams to stall)
+        print(f"t2r: {args.streams} streams, alone and with a long prompt", file=sys.stderr, flush=True)
+        streams = texts[: args.streams]
+        results["long_prompt"] = {
+            "alone": asyncio.run(long_prompt_gaps(t2r, streams, args.stream_tokens, None)),
+            "with_long_prompt": asyncio.run(long_prompt_gaps(t2r, streams, args.stream_tokens, long_prompt)),
+        }
+        print(f"  {json.dumps(results['long_prompt'])}", file=sys.stderr, flush=True)
         history = " ".join((SHARED / "books" / "pg2701.txt").read_text().split()[: words_for_tokens(args.long_history)])
         short = " ".join(history.split()[: words_for_tokens(50)])
         results["sessions"] = {
@@ -314,6 +384,10 @@ def main() -> None:
     finally:
         for engine in engines:
             engine.stop()
+    if args.smoke:
+        (OUT / "smoke.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     (OUT / "load.json").write_text(json.dumps(results, indent=2) + "\n")
     from serve_load_report import plot, write_section
 

@@ -37,19 +37,36 @@ def plot(results: dict, path: Path) -> None:
     right.set_yscale("log")
     settings = results["settings"]
     figure.suptitle(
-        f"t2r serve ({settings['model']}, {settings['weights']}) vs llama.cpp server; "
+        f"t2r serve ({settings['model']}, {decode_path(results)}) vs llama.cpp server; "
         f"{settings['requests']} requests/level, {settings['max_tokens']} tokens each"
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
+def decode_path(results: dict) -> str:
+    """How t2r decoded: the flags given, or the server's default (its start-up line, in the JSON)."""
+    settings = results["settings"]
+    if settings.get("weights") is None and settings.get("compile") is None:
+        return "default path: " + results.get("t2r_decode", "as its start-up line says")
+    return f"--weights {settings.get('weights')} compile={settings.get('compile')}"
+
+
+def flags(settings: dict) -> str:
+    out = f"--threads {settings['threads']}"
+    if settings.get("weights") is not None:
+        out += f" --weights {settings['weights']}"
+    if settings.get("compile") is not None:
+        out += " --compile" if settings["compile"] else " --no-compile"
+    return out
+
+
 def section(results: dict) -> str:
     settings = results["settings"]
     levels = sorted(results["levels"], key=int)
     lines = [
-        f"`python scripts/serve_load.py --threads {settings['threads']} --weights {settings['weights']}"
-        f"{' --compile' if settings['compile'] else ''}` — {settings['requests']} streaming completions per level "
+        f"`python scripts/serve_load.py {flags(settings)}` (t2r's {decode_path(results)}) — "
+        f"{settings['requests']} streaming completions per level "
         f"(prompts of ~{settings['prompt_tokens']} tokens from Pride and Prejudice, {settings['max_tokens']} greedy "
         "tokens each, end of text suppressed), the real `openai` client with asyncio; each server its own "
         f"process with {settings['threads']} threads; engines alternate level by level. Plot: "
@@ -80,13 +97,37 @@ def section(results: dict) -> str:
             f"from {low} to {high} clients; t2r / llama.cpp at {high} clients: "
             f"{t2r[high] / llama[high]:.2f}x, at {low}: {t2r[low] / llama[low]:.2f}x."
         )
+        ours, theirs = (results["levels"][low][e]["itl_p50_s"] for e in ("t2r", "llama.cpp"))
+        lines.append(
+            f"- **Inter-token latency p50 at {low} client: t2r {ours * 1000:.1f} ms, llama.cpp "
+            f"{theirs * 1000:.1f} ms: {ours / theirs:.2f}x** (bar ≤ 2x: {'met' if ours <= 2 * theirs else 'not met'})."
+        )
     rss = results.get("rss_bytes", {})
     if len(rss) == 2:
         (a, ra), (b, rb) = sorted(rss.items(), key=lambda kv: int(kv[0]))
         change = rb / ra - 1
+        soak = results.get("soak", {})
         lines.append(
-            f"- t2r server RSS after {a} requests {ra / 2**20:.0f} MiB, after {b}: {rb / 2**20:.0f} MiB "
-            f"({change * 100:+.1f}%; bar within 5%: {'met' if abs(change) <= 0.05 else 'not met'})."
+            f"- t2r server RSS, after a warm-up of {settings.get('warm_up', '?')} requests at {high} clients, "
+            f"then {soak.get('requests', b)} more at {high} ({soak.get('failed', '?')} failed, "
+            f"{soak.get('tokens_per_s', float('nan')):.1f} tokens/s): after {a} of them {ra / 2**20:.0f} MiB, after "
+            f"{b}: {rb / 2**20:.0f} MiB (**{change * 100:+.1f}%**; bar within 5%: "
+            f"{'met' if abs(change) <= 0.05 else 'not met'})."
+        )
+    long = results.get("long_prompt")
+    if long:
+        alone, loaded = long["alone"], long["with_long_prompt"]
+        ratio = loaded["itl_p99_s"] / alone["itl_p99_s"]
+        during = loaded.get("itl_p99_while_prefilling_s")
+        lines.append(
+            f"- A {settings.get('long_prompt', '?')}-token prompt arriving while {settings.get('streams', '?')} "
+            f"streams decode {settings.get('stream_tokens', '?')} tokens each: their inter-token p99 "
+            f"{loaded['itl_p99_s'] * 1000:.0f} ms against {alone['itl_p99_s'] * 1000:.0f} ms without it "
+            f"(**{ratio:.2f}x**; bar ≤ 2x: {'met' if ratio <= 2 else 'not met'}); p50 "
+            f"{loaded['itl_p50_s'] * 1000:.0f} vs {alone['itl_p50_s'] * 1000:.0f} ms; over the "
+            f"{loaded['gaps_while_prefilling']} gaps while it was prefilled, p99 "
+            + ("-" if during is None else f"{during * 1000:.0f} ms")
+            + f"; its own time to first token {loaded['long_prompt_ttft_s']:.1f} s."
         )
     sessions = results.get("sessions", {})
     if sessions:

@@ -79,7 +79,7 @@ def run_hook(name: str, module: ModuleType) -> None:
     try:
         HOOKS[name](module)
     except Exception as error:  # another library's import must not fail because of t2r
-        log.warning("t2r: model type 't2r' not registered with %s (%s)", name, error)
+        log.warning("model type 't2r' not registered with %s (%s)", name, error)
 
 
 class _RegisterAfter(importlib.abc.Loader):

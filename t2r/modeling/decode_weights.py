@@ -68,7 +68,7 @@ def decoding_model(model: nn.Module, weight_format: str, folder: Path | None = N
         keep(ready, path)
         prune(folder)
     except (OSError, RuntimeError, ValueError) as error:  # a full disk, a read-only cache: still decode
-        log.warning("t2r: decode weights not kept in %s (%s)", path, error)
+        log.warning("decode weights not kept in %s (%s)", path, error)
     return ready
 
 
@@ -129,7 +129,7 @@ def load_kept(model: nn.Module, weight_format: str, path: Path) -> nn.Module | N
             aliases = json.loads((kept.metadata() or {}).get(ALIASES_KEY, "{}"))
         tensors = safetensors.torch.load_file(str(path))
     except Exception as error:  # a truncated or foreign file: quantise again
-        log.warning("t2r: kept decode weights %s do not load (%s); quantising again", path, error)
+        log.warning("kept decode weights %s do not load (%s); quantising again", path, error)
         return None
     shell = with_weights(fuse_projections(meta_copy(model)), weight_format)  # shapes only: instant
     expected = named_tensors(shell)
@@ -137,7 +137,7 @@ def load_kept(model: nn.Module, weight_format: str, path: Path) -> nn.Module | N
         expected[name].shape == tensors[name].shape and expected[name].dtype == tensors[name].dtype for name in tensors
     )
     if not fits:
-        log.warning("t2r: kept decode weights %s do not fit the model; quantising again", path)
+        log.warning("kept decode weights %s do not fit the model; quantising again", path)
         return None
     filled: dict[int, torch.Tensor] = {}  # a tied tensor becomes one tensor again
     for name, empty in expected.items():

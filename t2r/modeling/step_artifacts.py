@@ -119,17 +119,17 @@ def load_or_compile(
         try:
             with path.open("rb") as file, vector_isas_as_probed(path.with_suffix(".json")):
                 loaded = torch.compiler.load_compiled_function(file)
-            log.info("t2r: decode step for %s loaded from %s", what, path)
+            log.info("decode step for %s loaded from %s", what, path)
             return loaded
         except Exception as error:  # a stale or partial file: compile again below
-            log.warning("t2r: compiled step %s did not load (%s); compiling again", path, error)
-    log.warning("t2r: compiling the decode step for %s (minutes, once: kept in %s)", what, folder)
+            log.warning("compiled step %s did not load (%s); compiling again", path, error)
+    log.warning("compiling the decode step for %s (minutes, once: kept in %s)", what, folder)
     try:
         if dynamic_batch:
             mark_batch_dynamic(args[1:], batch_size(args))
         compiled = torch.compile(function, fullgraph=True, backend=backend).aot_compile((args, {}))
     except Exception as error:  # a graph break or an unsupported operation: the lazy path
-        log.warning("t2r: the step does not compile ahead of time (%s); compiling lazily", error)
+        log.warning("the step does not compile ahead of time (%s); compiling lazily", error)
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def load_or_compile(
         if backend == "inductor":
             record_vector_isas(path.with_suffix(".json"))
     except Exception as error:  # an unserialisable artifact still runs in this process
-        log.warning("t2r: compiled step not saved to %s (%s)", path, error)
+        log.warning("compiled step not saved to %s (%s)", path, error)
     return compiled
 
 

@@ -148,7 +148,7 @@ def _load_kernel() -> bool:
     except (RuntimeError, OSError, ImportError) as error:  # a failed build (the machine has what it needs)
         _build_error = str(error).strip() or type(error).__name__
         first_line = _build_error.splitlines()[0]
-        log.warning("t2r: int4 kernel not built (%s); int4 layers run on the PyTorch reference", first_line)
+        log.warning("int4 kernel not built (%s); int4 layers run on the PyTorch reference", first_line)
         return False
     torch.library.register_fake("t2r_int4::int4_matmul")(_fake)
     return True

@@ -99,7 +99,7 @@ def fastest_decode(weights: str | None, compile: bool | None) -> tuple[str, bool
 def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     args.weights, args.compile, slower = fastest_decode(args.weights, args.compile)
     if slower:
-        log.warning("t2r serve: a slower decode path (%s)", slower)
+        log.warning("serve decodes on a slower path (%s)", slower)
     model, tokenizer = load_model(args.model)
     if isinstance(model, T2RForCausalLM):
         model.with_global_cache(args.global_cache, args.global_select)
