@@ -142,7 +142,10 @@ def load_kept(model: nn.Module, weight_format: str, path: Path) -> nn.Module | N
     filled: dict[int, torch.Tensor] = {}  # a tied tensor becomes one tensor again
     for name, empty in expected.items():
         if id(empty) not in filled:
-            data = tensors[aliases.get(name, name)]
+            # A copy in PyTorch's own (64-byte aligned) memory: a tensor read from the file starts
+            # wherever its bytes sit, and torch._weight_int8pack_mm reads its weight with aligned
+            # vector loads from 4 rows of x on (a misaligned int8 head crashed the process).
+            data = tensors[aliases.get(name, name)].clone()
             filled[id(empty)] = nn.Parameter(data, empty.requires_grad) if isinstance(empty, nn.Parameter) else data
         owner, _, leaf = name.rpartition(".")
         module = shell.get_submodule(owner) if owner else shell
