@@ -307,6 +307,12 @@ def words_for_tokens(tokens: int) -> int:
     return int(tokens / 1.35)  # SmolLM2's tokenizer: ~1.35 tokens per English word
 
 
+def save_partial(results: dict, args: argparse.Namespace) -> None:
+    """What is measured so far, in the JSON (`"partial": true`): a run cut short keeps its rows."""
+    name = "smoke.json" if args.smoke else "load.json"
+    (OUT / name).write_text(json.dumps({**results, "partial": True}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="t2r-smollm2-135m")
@@ -354,6 +360,7 @@ def main() -> None:
                 row = summarise(outcomes, wall, args.max_tokens)
                 results["levels"].setdefault(str(level), {})[engine.name] = row
                 print(f"  {json.dumps(row)}", file=sys.stderr, flush=True)
+                save_partial(results, args)
         top = max(args.levels)
         print(f"t2r: warm-up, then {args.soak} requests, {top} concurrent", file=sys.stderr, flush=True)
         asyncio.run(run_level(t2r, top, (texts * (args.warm_up // len(texts) + 1))[: args.warm_up], args.max_tokens))
@@ -361,6 +368,7 @@ def main() -> None:
         outcomes, wall = asyncio.run(run_level(t2r, top, soak, args.max_tokens, count_soak))
         results["soak"] = summarise(outcomes, wall, args.max_tokens)
         results["rss_bytes"] = rss
+        save_partial(results, args)
         book = (SHARED / "books" / "pg1342.txt").read_text().split()
         long_prompt = " ".join(book[-words_for_tokens(args.long_prompt) :])
         # t2r only: llama-cpp-python's server decodes one sequence at a time (no running streams to stall)
@@ -371,6 +379,7 @@ def main() -> None:
             "with_long_prompt": asyncio.run(long_prompt_gaps(t2r, streams, args.stream_tokens, long_prompt)),
         }
         print(f"  {json.dumps(results['long_prompt'])}", file=sys.stderr, flush=True)
+        save_partial(results, args)
         history = " ".join((SHARED / "books" / "pg2701.txt").read_text().split()[: words_for_tokens(args.long_history)])
         short = " ".join(history.split()[: words_for_tokens(50)])
         results["sessions"] = {

@@ -147,6 +147,11 @@ def section(results: dict) -> str:
         )
     failed = sum(row["failed"] for level in levels for row in results["levels"][level].values())
     lines.append(f"- Failed requests, all engines and levels: {failed}.")
+    if results.get("partial"):
+        lines.append(
+            "- **A partial run**: it was stopped after the phases above (the JSON keeps what each phase measured "
+            "as it ended); the soak's RSS, the long prompt and the sessions are missing where not listed."
+        )
     return "\n".join(lines)
 
 
