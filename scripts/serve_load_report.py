@@ -85,11 +85,8 @@ def section(results: dict) -> str:
     t2r = {level: results["levels"][level]["t2r"]["tokens_per_s"] for level in levels}
     low, high = levels[0], levels[-1]
     ratio = t2r[high] / t2r[low]
-    lines += [
-        "",
-        f"- **t2r aggregate tokens/s at {high} clients / at {low}: {ratio:.2f}x** (bar ≥ 8x: "
-        f"{'met' if ratio >= 8 else 'not met'}).",
-    ]
+    bar = f"bar ≥ 8x: {'met' if ratio >= 8 else 'not met'}" if int(high) >= 32 else "the bar, ≥ 8x, is at 32 clients"
+    lines += ["", f"- **t2r aggregate tokens/s at {high} clients / at {low}: {ratio:.2f}x** ({bar})."]
     if all("llama.cpp" in results["levels"][level] for level in levels):
         llama = {level: results["levels"][level]["llama.cpp"]["tokens_per_s"] for level in levels}
         lines.append(
