@@ -26,6 +26,7 @@ MODEL = ROOT / "runs" / "recipe-window-heavy" / "train" / "model"  # the shipped
 FILLER = ROOT.parent / "shared" / "data" / "books" / "pg174.txt"
 WINDOW = 212  # the shipped model's 4 sinks + 208 window slots at 9.79 MB (the cache's rows)
 OBSERVE = 32
+SLOTS = 64  # the global cache's slots per key/value head in the pass-key rows
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     with torch.no_grad():
         attentions = teacher(prompt.ids[None], output_attentions=True).attentions
     left = length - WINDOW  # positions that left the window by the prompt's end
-    strongest = 0.0
+    strongest, held, heads_seen = 0.0, 0, 0
     for index, weights in enumerate(attentions):
         heads = weights.shape[1]
         kv_heads = teacher.config.num_key_value_heads
@@ -51,12 +52,18 @@ def main() -> None:
         def rank(scores: torch.Tensor) -> list[int]:
             return [int((row[:left] > row[digits].max()).sum()) + 1 for row in scores]
 
+        held += sum(r <= SLOTS for r in rank(observed))
+        heads_seen += kv_heads
         mass = float(weights[0, :, -1, digits].sum(-1).max())
         strongest = max(strongest, mass)
         print(f"layer {index:2d}: digit rank by the last query {rank(last)}, by the last {OBSERVE} {rank(observed)}; "
               f"most of the last query's attention on the digits in one head {mass:.3f}")  # fmt: skip
-    print(f"{length} tokens, depth {depth}, key at {prompt.key_position}: the strongest head puts {strongest:.3f} "
-          f"of the last query's attention on the key's digits; {left} positions left the window")  # fmt: skip
+    summary = (
+        f"{length} tokens, depth {depth}, key at {prompt.key_position}: the strongest head puts {strongest:.3f} "
+        f"of the last query's attention on the key's digits; {left} positions left the window; a digit "
+        f"is among the {SLOTS} best by the last {OBSERVE} queries in {held} of {heads_seen} key/value heads"
+    )
+    print(summary)
 
 
 if __name__ == "__main__":
