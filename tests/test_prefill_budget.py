@@ -15,7 +15,7 @@ from t2r.inference.sampling import Sampling
 from t2r.inference.scheduler import Request, Scheduler
 from tests.conftest import VOCAB
 from tests.test_model import converted, trained_looking_model
-from tests.test_scheduler import prompts
+from tests.test_scheduler import prompts, steps_until_joined
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +60,7 @@ def test_the_scheduler_prefills_what_the_budget_allows_between_two_steps(model: 
     scheduler.step()
     long_prompt = torch.randint(3, VOCAB, (170,), generator=torch.Generator().manual_seed(3))
     late = scheduler.submit(Request(long_prompt, 5, greedy))
-    steps = 0
-    while late not in scheduler.active:
-        before = [len(r.tokens) for r in running]
-        scheduler.step()
-        steps += 1
-        assert [len(r.tokens) for r in running] == [n + 1 for n in before]
-    assert steps == -(-170 // 40)  # ceil: one segment of 40 tokens per step
+    assert steps_until_joined(scheduler, late, running) == -(-170 // 40)  # ceil: a segment of 40 tokens per step
     assert budget.step_seconds is not None and budget.tokens_per_second is not None  # it measured both
     while scheduler.busy:
         scheduler.step()

@@ -23,6 +23,18 @@ def prompts(count: int) -> list[torch.Tensor]:
     return [torch.randint(3, VOCAB, (5 + 3 * i,), generator=generator) for i in range(count)]
 
 
+def steps_until_joined(scheduler: Scheduler, late: Request, running: list[Request]) -> int:
+    """Step until `late` joins the batch, asserting that every running row gains a token each step
+    (nobody waits for the late prompt's prefill); returns the steps taken."""
+    steps = 0
+    while late not in scheduler.active:
+        before = [len(r.tokens) for r in running]
+        scheduler.step()
+        steps += 1
+        assert [len(r.tokens) for r in running] == [n + 1 for n in before]
+    return steps
+
+
 def test_eight_requests_joining_and_leaving_decode_what_they_decode_alone(model: torch.nn.Module) -> None:
     greedy = Sampling(greedy=True)
     budgets = [12, 5, 9, 14, 3, 8, 11, 6]
@@ -207,13 +219,7 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_running_rows
     scheduler.step()
     long_prompt = torch.randint(3, VOCAB, (4 * PREFILL_SEGMENT + 10,), generator=torch.Generator().manual_seed(3))
     late = scheduler.submit(Request(long_prompt, 5, greedy))
-    steps = 0
-    while late not in scheduler.active:
-        before = [len(r.tokens) for r in running]
-        scheduler.step()
-        steps += 1
-        assert [len(r.tokens) for r in running] == [n + 1 for n in before]  # nobody waited for the prompt
-    assert steps == 5  # one segment per step
+    assert steps_until_joined(scheduler, late, running) == 5  # one segment per step
     while scheduler.busy:
         scheduler.step()
     for request in [*running, late]:
