@@ -339,6 +339,24 @@ def test_sigterm_drains_the_active_rows_then_exits(converted_folder) -> None:
         process.kill()
 
 
+def test_a_taken_port_ends_serve_with_an_error_not_a_hang(converted_folder) -> None:
+    """The decode loop runs on t2r serve's main thread and uvicorn on another: when uvicorn cannot
+    start (its port is taken), the loop must end too and the command fail with one line."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "t2r", "serve", str(converted_folder), "--port", str(port),
+                                 "--weights", "fp32", "--no-compile"],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"t2r: error: could not serve on 127.0.0.1:{port}" in result.stderr
+
+
 def test_serve_without_its_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, converted_folder, capsys) -> None:
     import sys
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from t2r.serving.server import build_server
+        from t2r.serving.server import build_server, serve_forever
     except ImportError as error:
         missing = f"`t2r serve` needs the serve extra: pip install -e '.[serve]' ({error.name} is missing)"
         raise UsageError(missing) from error
@@ -75,10 +74,7 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     server, summary = build_server(args)
     print(summary, file=sys.stderr, flush=True)
-    # uvicorn drains on SIGTERM, then raises the signal again under the handler it found: a no-op
-    # one, so that a drained server exits 0 as a supervisor expects (Ctrl-C still ends with 130).
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    serve_forever(server)  # a drained SIGTERM returns (exit 0, as a supervisor expects); Ctrl-C: 130
     if server.t2r_app.state.engine.broken is not None:  # a supervisor should restart it
         raise T2RError("the decode loop failed repeatedly (the log has each traceback); the server stopped")
     print("t2r serve: drained, stopped", file=sys.stderr)

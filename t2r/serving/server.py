@@ -1,17 +1,20 @@
 """Builds the whole server from `t2r serve`'s flags: the model, the engine, the app, and a uvicorn
-server that drains on SIGTERM (finishes the active rows, refuses new requests, then exits)."""
+server that drains on SIGTERM (finishes the active rows, refuses new requests, then exits); runs
+it with uvicorn on a thread of its own and the decode loop on the main thread (`serve_forever`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from t2r.caches import compiled_steps_folder, decode_weights_folder
-from t2r.errors import UsageError
+from t2r.errors import T2RError, UsageError
 from t2r.hub import load_model, model_weights_identity
 from t2r.inference.stopping import eos_ids
 from t2r.modeling.decode_weights import decoding_model
@@ -34,10 +37,40 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
         super().__init__(config)
         self.t2r_app = app
+        self.signals: list[int] = []  # the signals that stopped it
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.t2r_app.state.draining = True
+        self.signals.append(sig)
         super().handle_exit(sig, frame)
+
+
+def serve_forever(server: DrainingServer) -> None:
+    """Serve until SIGTERM / SIGINT (drained) or until the decode loop breaks: uvicorn on a thread
+    of its own, the decode loop on this one, the main thread. Why: the compiled step's many small
+    parallel regions are fast while their OpenMP workers spin between them, and libgomp spins only
+    while it manages no more threads than there are cores; a second thread's team (a decode thread
+    beside the main thread's) made each step ~3x slower on 2 cores (scripts/decode_thread_probe.py:
+    22 ms on the main thread, 58 ms on a new one). Raises KeyboardInterrupt after a drained Ctrl-C,
+    T2RError when it could not serve (the port taken: uvicorn's log says why)."""
+    engine = server.t2r_app.state.engine
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # however uvicorn ended (drained, or never started), the decode loop ends too
+            engine.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # only the main thread may take signals
+        signal.signal(sig, server.handle_exit)
+    web = threading.Thread(target=http, name="t2r-http")
+    web.start()
+    engine.run_here()  # until the app's end stops it, or it breaks (which stops uvicorn)
+    web.join()
+    if not server.started and engine.broken is None:
+        raise T2RError(f"could not serve on {server.config.host}:{server.config.port} (the log above says why)")
+    if signal.SIGINT in server.signals:
+        raise KeyboardInterrupt
 
 
 def read_api_keys(path: Path) -> dict[str, str]:
@@ -74,7 +107,7 @@ def build_engine(model: T2RForCausalLM, args: argparse.Namespace, metrics: Metri
         raise UsageError(f"--sessions-dir {args.sessions_dir}: {error.strerror or error}") from None
     decoder = Decoder(compile=args.compile, artifacts=compiled_steps_folder())
     decoder.warm_up(model, args.max_batch)  # no request waits for a compilation (logged when it runs)
-    engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions)
+    engine = Engine(model, args.max_batch, metrics, decoder, prefix, args.prefix_block, sessions, own_thread=False)
     return engine, sessions
 
 
