@@ -185,6 +185,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
 
 
+def validation_steps(run: Path) -> list[tuple[str, int]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"]) for r in records if "validation" in r]
+
+
+def test_eval_every_logs_a_held_out_curve_that_survives_a_resume(tmp_path: Path, monkeypatch) -> None:
+    """--eval-every 2: a validation after every 2nd step of each stage and at its end; a run that
+    failed at transfer step 4 (its checkpoint after step 3) and resumed keeps the curve's points
+    up to the checkpoint and makes the rest, each once; validating leaves the student's mode alone."""
+    modes = []
+    original = AttentionTransfer.forward
+
+    def failing_once(self, records, mask):
+        modes.append(trainer.student.training)
+        loss, per_layer = original(self, records, mask)
+        return (loss * float("nan"), per_layer) if len(modes) == 5 else (loss, per_layer)
+
+    settings = dict(eval_every=2, finetune_steps=4)
+    trainer = tiny_trainer(tmp_path / "run", **settings)
+    monkeypatch.setattr(AttentionTransfer, "forward", failing_once)
+    with pytest.raises(T2RError, match="non-finite at transfer step 4"):
+        trainer.run(resume=False)
+    assert validation_steps(tmp_path / "run") == [("transfer", 1), ("transfer", 3)]
+    trainer = tiny_trainer(tmp_path / "run", **settings)
+    trainer.run(resume=True)
+    expected = [("transfer", 1), ("transfer", 3), ("transfer", 5), ("finetune", 1), ("finetune", 3)]
+    assert validation_steps(tmp_path / "run") == expected
+    assert len(set(modes)) == 1 and len(modes) == 5 + 2  # a validation leaves the student's mode as it was
+
+
 def test_half_written_checkpoint_is_skipped(tmp_path: Path) -> None:
     trainer = tiny_trainer(tmp_path / "run")
     trainer.run(resume=False)

@@ -57,6 +57,10 @@ def add_parser(commands: Any) -> None:
                         "go first")  # fmt: skip
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     add_decode_flags(parser, fastest_by_default=True)
+    parser.add_argument("--dense-copies", action=argparse.BooleanOptionalAction, default=True,
+                        help="with int4 / int8 weights, keep a dense copy of each quantised weight too (bf16 "
+                        "where the CPU has AMX tiles, else fp32) for prefills and decode batches of many "
+                        "rows, where a GEMM beats the kernels (t2r.ops.rows_matmul)")  # fmt: skip
     parser.set_defaults(run=run)
 
 

@@ -70,6 +70,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     add("--checkpoint-every", type=positive_int, default=defaults.checkpoint_every, help="steps between checkpoints")
     add("--keep", type=positive_int, default=defaults.keep, help="checkpoints to keep")
     add("--eval-blocks", type=positive_int, default=defaults.eval_blocks, help="held-out blocks per validation")
+    add("--eval-every", type=non_negative_int, default=defaults.eval_every,
+        help="validate every N steps of a stage too, in metrics.jsonl (0: at each stage's end only)")  # fmt: skip
     add("--seed", type=int, default=defaults.seed, help="seeds data order, split, feature maps and LoRA")
     add("--loss-chunk", type=non_negative_int, default=defaults.loss_chunk,
         help="positions whose logits exist at once in the loss (0: the whole [batch, seq, vocab])")  # fmt: skip
@@ -95,8 +97,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 def train_config(args: argparse.Namespace) -> TrainConfig:
     names = [
         "transfer_steps", "finetune_steps", "batch_size", "grad_accum", "seq_len", "lr_transfer", "lr_finetune",
-        "ce_weight", "distill_weight", "temperature", "lora_rank", "checkpoint_every", "keep", "eval_blocks", "seed",
-        "loss_chunk", "share_weights", "checkpoint_layers", "compile",
+        "ce_weight", "distill_weight", "temperature", "lora_rank", "checkpoint_every", "keep", "eval_blocks",
+        "eval_every", "seed", "loss_chunk", "share_weights", "checkpoint_layers", "compile",
     ]  # fmt: skip
     return TrainConfig(**{name: getattr(args, name) for name in names}, full=args.full or args.from_scratch)
 

@@ -14,6 +14,8 @@ transposed linear layer); the feature maps, the norms and the embedding lookup s
   "int4-kernel"; the int8 activations cost some agreement with the fp32 model, measured there too).
 The int8 kernel takes bf16 activations: its fp32-activation path is a slow one at batch 1
 (BENCHMARKS.md, bench notes). Inputs are cast in and outputs back.
+`with_dense_copies(model)` gives each quantised layer a dense copy of its dequantised weight for
+many rows (a prefill, a big decode batch: t2r.ops.rows_matmul), what `t2r serve` decodes with.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from transformers.pytorch_utils import Conv1D
 from t2r.errors import UsageError
 from t2r.modeling.config import WEIGHT_FORMATS
 from t2r.ops.int4_matmul import GROUP as INT4_GROUP
-from t2r.ops.int4_matmul import Int4Weight, dequantise_int4, int4_matmul, kernel_available, quantise_int4
-
-GEMV_ROWS = 16  # up to this many rows (decode batches), the int8 kernel; more (a prefill), dequantise
+from t2r.ops.int4_matmul import Int4Weight, dequantise_int4, kernel_available, quantise_int4
+from t2r.ops.rows_matmul import dense_layout, int4_linear, int8_linear
 
 
 class Int8Linear(nn.Module):
@@ -44,14 +45,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16))  # the kernel's bf16 path
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # with_dense_copies: the weight for dense_from rows or more (not saved: made again in a moment)
+        self.register_buffer("dense", None, persistent=False)
+        self.dense_from = 0
+
+    def dequantised(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, [out, in] fp32."""
+        return self.weight.float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:  # also what a compiled step is keyed on (step_artifacts.describe)
+        return f"in={self.in_features}, out={self.out_features}, dense_from={self.dense_from}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).float()
-        if flat.shape[0] > GEMV_ROWS:
-            # A prefill is compute-bound: one dequantised matrix and a BLAS GEMM beat the int8 kernel.
-            out = flat @ (self.weight.float() * self.scale[:, None]).T
-        else:
-            out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scale_bf16).float()
+        flat = x.reshape(-1, self.in_features)
+        out = int8_linear(flat, self.weight, self.scale, self.scale_bf16, self.dense, self.dense_from)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -74,6 +81,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("minimums", weight.minimums)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # with_dense_copies: the weight for dense_from rows or more (not saved: made again in a moment)
+        self.register_buffer("dense", None, persistent=False)
+        self.dense_from = 0
         kernel_available()  # built (or found wanting) now, not inside a compiled graph
 
     @staticmethod
@@ -85,13 +95,16 @@ class Int4Linear(nn.Module):
         """The weight the kernel multiplies by, [out, in] fp32."""
         return dequantise_int4(self.weight_int4)
 
+    def extra_repr(self) -> str:  # also what a compiled step is keyed on (step_artifacts.describe)
+        return f"in={self.in_features}, out={self.out_features}, dense_from={self.dense_from}"
+
     @property
     def weight_int4(self) -> Int4Weight:
         """The buffers as the ops take them."""
         return Int4Weight(self.codes, self.steps, self.minimums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int4_matmul(x.reshape(-1, self.in_features), self.weight_int4)
+        out = int4_linear(x.reshape(-1, self.in_features), self.weight_int4, self.dense, self.dense_from)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -141,3 +154,22 @@ def with_weights(model: nn.Module, weight_format: str) -> nn.Module:
         parent = replaced.get_submodule(parent_name) if parent_name else replaced
         setattr(parent, child, Int4Linear(linear) if four_bits else Int8Linear(linear))
     return replaced
+
+
+def with_dense_copies(model: nn.Module) -> str | None:
+    """Give every Int4Linear / Int8Linear of `model` (in place) a dense copy of its dequantised
+    weight, which their products take from `dense_from` rows on (t2r.ops.rows_matmul.dense_layout:
+    bf16 from 12 rows where the CPU has AMX tiles). The copies are not kept with the decode weights
+    (dequantising is quick). Returns a line saying what was added, or None if nothing was quantised."""
+    layers = [module for module in model.modules() if isinstance(module, Int4Linear | Int8Linear)]
+    if not layers:
+        return None
+    dtype, dense_from = dense_layout(next(layers[0].buffers()).device)
+    total = 0
+    for layer in layers:
+        with torch.no_grad():
+            layer.dense = layer.dequantised().to(dtype).contiguous()
+        layer.dense_from = dense_from
+        total += layer.dense.nbytes
+    name = str(dtype).removeprefix("torch.")
+    return f"{name} copies of the quantised weights ({total / 2**20:.0f} MiB) for {dense_from} rows or more"

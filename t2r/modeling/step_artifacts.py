@@ -73,7 +73,8 @@ def describe(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return ["tensor", list(value.shape), str(value.dtype), str(value.device)]
     if isinstance(value, torch.nn.Module):
-        modules = [[name, type(module).__qualname__] for name, module in value.named_modules()]
+        # extra_repr: settings a module's forward branches on (an int4 layer's dense_from)
+        modules = [[name, type(module).__qualname__, module.extra_repr()] for name, module in value.named_modules()]
         tensors = [[name, describe(t)] for name, t in (*value.named_parameters(), *value.named_buffers())]
         config = getattr(value, "config", None)
         return {"modules": modules, "tensors": tensors, "config": config.to_dict() if config is not None else None}

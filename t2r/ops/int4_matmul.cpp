@@ -146,10 +146,26 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
+// t2r_int4::int4_linear_rows: t2r.ops.rows_matmul.int4_by_rows for a layer with a dense copy (its
+// spec, tested equal), chosen here rather than in Python: a compiled step of many rows makes ~120
+// of these calls, and a Python custom op's dispatch cost ~75 us each. From dense_from rows the
+// dense copy (dense_from <= 17: the kernel takes every count below it), else the kernel.
+at::Tensor int4_linear_rows(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& steps,
+                            const at::Tensor& mins, const at::Tensor& dense, int64_t dense_from) {
+  if (x.size(0) >= dense_from) {
+    return at::matmul(x.to(dense.scalar_type()), dense.t()).to(at::kFloat);
+  }
+  return int4_matmul(x, codes, steps, mins);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(t2r_int4, m) {
   m.def("int4_matmul(Tensor x, Tensor codes, Tensor steps, Tensor minimums) -> Tensor");
+  m.def("int4_linear_rows(Tensor x, Tensor codes, Tensor steps, Tensor minimums, Tensor dense, int dense_from) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(t2r_int4, CPU, m) { m.impl("int4_matmul", &int4_matmul); }
+TORCH_LIBRARY_IMPL(t2r_int4, CPU, m) {
+  m.impl("int4_matmul", &int4_matmul);
+  m.impl("int4_linear_rows", &int4_linear_rows);
+}

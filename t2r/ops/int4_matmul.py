@@ -151,10 +151,17 @@ def _load_kernel() -> bool:
         log.warning("int4 kernel not built (%s); int4 layers run on the PyTorch reference", first_line)
         return False
     torch.library.register_fake("t2r_int4::int4_matmul")(_fake)
+    torch.library.register_fake("t2r_int4::int4_linear_rows")(_fake_rows)
     return True
 
 
 def _fake(x: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+def _fake_rows(
+    x: torch.Tensor, codes: torch.Tensor, steps: torch.Tensor, minimums: torch.Tensor, dense: torch.Tensor, _: int
+) -> torch.Tensor:
     return x.new_empty(x.shape[0], codes.shape[0])
 
 

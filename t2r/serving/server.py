@@ -20,6 +20,7 @@ from t2r.inference.stopping import eos_ids
 from t2r.modeling.decode_weights import decoding_model
 from t2r.modeling.fast_decode import Decoder
 from t2r.modeling.model import T2RForCausalLM
+from t2r.modeling.quantize import with_dense_copies
 from t2r.ops.int4_matmul import machine_lacks_kernel
 from t2r.ops.toolchain import cpp_compiler_missing
 from t2r.serving.app import Settings, create_app
@@ -140,6 +141,9 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
         raise UsageError(f"{args.model} is not a converted model; run `t2r convert` first")
     # Stacked q/k/v and gate/up (fewer kernels) in the chosen format, kept on disk for the next start.
     model = decoding_model(model, args.weights, decode_weights_folder(), model_weights_identity(args.model))
+    dense = with_dense_copies(model) if args.dense_copies else None
+    if dense:
+        log.info("many rows take %s", dense)
     name = args.served_model_name or Path(args.model).name
     metrics = Metrics()
     engine, sessions = build_engine(model, args, metrics, name)
@@ -158,7 +162,7 @@ def build_server(args: argparse.Namespace) -> tuple[DrainingServer, str]:
     )
     summary = (
         f"t2r serve: '{name}' on http://{args.host}:{args.port}/v1; {state}; "
-        f"weights {args.weights}{', compiled' if args.compile else ''}; "
+        f"weights {args.weights}{', compiled' if args.compile else ''}{', dense copies' if dense else ''}; "
         f"{'API key required' if args.api_key or args.api_keys else 'no API key'}"
     )
     server = DrainingServer(config, app)

@@ -35,6 +35,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep: int = 2
     eval_blocks: int = 16
+    eval_every: int = 0  # validate every N steps of a stage too (0: at each stage's end only)
     seed: int = 0
     # Memory: the distillation and CE losses are made this many positions at a time (0: the whole
     # [B, T, V] logits at once), the student shares the teacher's frozen tensors, and each layer's

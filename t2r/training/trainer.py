@@ -144,8 +144,9 @@ class Trainer:
         for line in self.metrics_path.read_text().splitlines():
             record = json.loads(line)
             earlier_stage = STAGES.index(record["stage"]) < stage_index
-            same_stage_done = record["stage"] == stage and "loss" in record and record["step"] <= step
-            if earlier_stage or same_stage_done:  # validations of the resumed stage are redone
+            # steps and periodic validations up to the checkpoint stay (the stage's last validation is redone)
+            same_stage_done = record["stage"] == stage and record["step"] <= step
+            if earlier_stage or same_stage_done:
                 kept.append(line)
         self.metrics_path.write_text("".join(k + "\n" for k in kept))
 
@@ -278,17 +279,14 @@ class Trainer:
             self.tokens += tokens_per_step
             stage_tokens += tokens_per_step
             rate = stage_tokens / (time.perf_counter() - stage_started)
-            record.update(
-                stage=stage,
-                step=step,
-                lr=scheduler.get_last_lr()[0],
-                tokens=self.tokens,
-                seconds=round(self.elapsed(), 3),
-            )
+            seconds = round(self.elapsed(), 3)
+            record.update(stage=stage, step=step, lr=scheduler.get_last_lr()[0], tokens=self.tokens, seconds=seconds)
             self.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{rate:.0f}")
             bar.update(1)
             last = step == steps - 1
+            if config.eval_every and (step + 1) % config.eval_every == 0 and not last:  # a held-out loss curve
+                self.validate(stage, step + 1)
             due = (step + 1) % config.checkpoint_every == 0
             if due or last or stop.raised is not None:
                 self.save(stage, step, optimizer, scheduler)
@@ -377,10 +375,11 @@ class Trainer:
 
     def validate(self, stage: str, steps: int) -> EvalResult:
         blocks = self.data.valid[: self.config.eval_blocks].to(self.accelerator.device)
-        self.student.eval()
+        training, _ = self.student.training, self.student.eval()
         # one block at a time: validation's [batch, seq, vocab] logits would otherwise set the run's peak memory
         with self.whole():
             result = evaluate_blocks(self.student, blocks, self.teacher, batch_size=1)
+        self.student.train(training)
         self.log({"stage": stage, "step": steps - 1, "validation": result.to_dict()})
         return result
 
