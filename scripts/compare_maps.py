@@ -245,7 +245,7 @@ def report(teacher: dict, results: list[dict | None], rows: list[Row], args: arg
     finished = [row for row in results if row is not None]
     pending = [rows[i].name for i, row in enumerate(results) if row is None]
     (ROOT / "benchmarks" / "compare_maps.json").write_text(json.dumps({"teacher": teacher, "rows": finished}, indent=1))
-    plot(finished, ROOT / "benchmarks" / "compare_maps.png")
+    plot(finished, teacher, ROOT / "benchmarks" / "compare_maps.png")
     wiki, novel = teacher["wikitext2"]["perplexity"], teacher["held_out"]["perplexity"]
     lines = [
         "| model | lr (of 3) | WikiText-2 ppl | x teacher | KL | top-1 | held-out novel ppl | x teacher | converged "
@@ -282,7 +282,7 @@ def report(teacher: dict, results: list[dict | None], rows: list[Row], args: arg
     replace_section(ROOT / "BENCHMARKS.md", "compare", "\n".join(lines), "The paper's comparison at equal budget")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], teacher: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +301,8 @@ def plot(rows: list[dict], path: Path) -> None:
     names = [row["name"] for row in rows]
     ratios = [row["wikitext2"]["perplexity"] for row in rows]
     bars.barh(names[::-1], ratios[::-1], color="tab:blue")
+    bars.axvline(teacher["wikitext2"]["perplexity"], color="tab:gray", linestyle=":", label="teacher")
+    bars.legend(fontsize=7)
     bars.set_xscale("log")
     bars.set_xlabel("WikiText-2 test perplexity (log scale)")
     bars.tick_params(axis="y", labelsize=7)
