@@ -174,7 +174,7 @@ def test_state_slots_are_allocated_once_and_softmax_layers_join_instead() -> Non
 
 def test_a_wave_of_arrivals_is_prefilled_in_one_forward(model: torch.nn.Module, monkeypatch) -> None:
     calls = []
-    forward = type(model).forward
+    forward = type(model).forward_by_blocks
 
     def counted(self, input_ids, *args, **kwargs):
         calls.append(tuple(input_ids.shape))
@@ -184,7 +184,7 @@ def test_a_wave_of_arrivals_is_prefilled_in_one_forward(model: torch.nn.Module, 
     scheduler = Scheduler(model, max_batch=8)
     for request in requests:
         scheduler.submit(request)
-    monkeypatch.setattr(type(model), "forward", counted)
+    monkeypatch.setattr(type(model), "forward_by_blocks", counted)
     scheduler.step()
     monkeypatch.undo()
     assert calls == [(5, max(len(r.prompt) for r in requests))]  # one left-padded forward for all five
@@ -210,10 +210,13 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_running_rows
     decodes alone."""
     from t2r.inference.prefill_budget import PREFILL_SEGMENT, PrefillBudget
 
+    class OneSegment(PrefillBudget):  # a piece of one whole segment: the count of steps below is exact
+        def seconds(self, decoding: bool) -> float | None:
+            return None
+
     greedy = Sampling(greedy=True)
     running = [Request(prompt, 20, greedy) for prompt in prompts(3)]
-    # A budget of PREFILL_SEGMENT tokens whatever is measured: the count of steps below is exact.
-    scheduler = Scheduler(model, max_batch=4, budget=PrefillBudget(smallest=PREFILL_SEGMENT))
+    scheduler = Scheduler(model, max_batch=4, budget=OneSegment())
     for request in running:
         scheduler.submit(request)
     scheduler.step()
@@ -224,3 +227,43 @@ def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_the_running_rows
         scheduler.step()
     for request in [*running, late]:
         assert request.tokens == generate(model, request.prompt, request.max_new_tokens, greedy).new_tokens
+
+
+def test_arrivals_while_a_prompt_is_prefilled_wait_and_go_together(model: torch.nn.Module, monkeypatch) -> None:
+    """Under load prompts arrive one at a time: those arriving while a batchable prompt is being
+    prefilled wait for it, then share one forward; nobody decodes differently for it."""
+    from t2r.inference.prefill_budget import PREFILL_SEGMENT, PrefillBudget
+
+    class OneBlock(PrefillBudget):  # a piece of one block while rows decode: A's prefill spans steps
+        def seconds(self, decoding: bool) -> float | None:
+            return 0.0 if decoding else None
+
+    calls = []
+    forward = type(model).forward_by_blocks
+
+    def counted(self, input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward_by_blocks", counted)
+    scheduler = Scheduler(model, max_batch=8, budget=OneBlock())
+    first, b, c = (Request(p, 9) for p in prompts(3))
+    # a: two segments, so that its prefill spans 2 x blocks steps
+    a = Request(torch.randint(3, VOCAB, (PREFILL_SEGMENT + 10,), generator=torch.Generator().manual_seed(4)), 9)
+    scheduler.submit(first)
+    scheduler.step()  # `first` decodes from now on
+    scheduler.submit(a)
+    scheduler.step()  # a's prefill starts: one block
+    scheduler.submit(b)
+    scheduler.step()
+    scheduler.submit(c)  # one step later: without the hold, b and c would go one by one
+    while a not in scheduler.active:
+        scheduler.step()
+        assert b in scheduler.waiting and c in scheduler.waiting  # held while a's prompt is prefilled
+    while scheduler.busy:
+        scheduler.step()
+    a_segments = [(1, PREFILL_SEGMENT), (1, 10)]
+    assert calls == [(1, len(first.prompt)), *a_segments, (2, max(len(b.prompt), len(c.prompt)))]
+    monkeypatch.undo()
+    for request in (first, a, b, c):
+        assert request.tokens == generate(model, request.prompt, 9, Sampling(greedy=True)).new_tokens

@@ -119,6 +119,29 @@ def test_forms_match_reference(form: str, window: int, length: int, decay: bool,
         assert_close(a, b, f"gradient {index}", tolerance=1e-4)
 
 
+def test_the_chunked_form_goes_parallel_where_its_scores_are_no_larger(monkeypatch) -> None:
+    """ops.dispatch: a hybrid input whose parallel scores, T x (W + T), are no larger than the
+    chunked blocks, ceil(T / C) x C x (C + W), goes through the parallel form (the same maths in
+    fewer operations, within the chunked form's memory bound); a longer one is chunked. C = 8,
+    W = 4: 12 tokens (12 x 16 = 192 <= 2 x 8 x 12 = 192) parallel, 13 (221 > 192) chunked."""
+    import t2r.ops.dispatch as dispatch
+
+    parallel_calls = []
+
+    def spy(*args, **kwargs):
+        parallel_calls.append(args[0].shape[2])
+        return windowed_attention(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "windowed_attention", spy)
+    op = dispatch.attention_op("chunked", 8, hybrid=True)
+    for length, expected_op in ((8, windowed_attention), (12, windowed_attention), (13, FORMS["chunked-8"])):
+        got = run(op, make_case(length, 4, sinks=3), DECAY)
+        expected = run(expected_op, make_case(length, 4, sinks=3), DECAY)
+        assert torch.equal(got[0], expected[0])
+        assert all(torch.equal(a, b) for a, b in zip(got[1], expected[1], strict=True))
+    assert parallel_calls == [8, 12]
+
+
 @pytest.mark.parametrize("op", [windowed_attention, *FORMS.values()])
 def test_an_empty_sequence_returns_no_output_and_the_state_it_was_given(op) -> None:
     phi, leaves, valid, valids = make_case(0, 4, sinks=3)

@@ -1,10 +1,10 @@
 """Continuous batching over the recurrent state: the decode loop a server runs.
 
 Every active sequence advances one token per `step()`, all in one batched fast step. A submitted
-request waits until a row is free (`max_batch`), is prefilled through the chunked form one segment
-per step (as many tokens as `PrefillBudget` allows: about half a decode step's time; the running
-rows decode between two segments, so a long prompt does not stall them; short prompts arriving
-together share one forward) and joins the running
+request waits until a row is free (`max_batch`), is prefilled through the chunked form one piece
+per step (about half a decode step's time, paused between two blocks: `prefill_budget`; the
+running rows decode between two pieces, so a long prompt does not stall them; short prompts
+arriving together share one forward) and joins the running
 batch; a row that emits a stop token, reaches its budget or is cancelled leaves at once. Each
 request keeps its own sampling (its own seeded generator), so a request's tokens do not depend on
 what else is being served: greedy requests decode exactly what `t2r.inference.generate` decodes
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from t2r.inference.generate import left_padded
-from t2r.inference.prefill_budget import PREFILL_SEGMENT, PrefillBudget
+from t2r.inference.prefill_budget import PREFILL_SEGMENT, Pace, PrefillBudget, paced_forward
 from t2r.inference.sampling import Sampling, chooser
 from t2r.inference.state_slots import StateSlots
 from t2r.modeling.fast_decode import FastState, fast_step
@@ -73,26 +73,29 @@ class Request:
         self.finish, self.error = "error", error
 
 
-# prefill(model, request): a generator that prefills the prompt in segments. It first yields 0
-# before any work (the scheduler primes it with next()); then each send(n) prefills one segment of
-# at most n tokens (None: PREFILL_SEGMENT) and yields the tokens done, so that the scheduler decodes
-# a step of the running rows between two segments; it returns (logits [1, V] after the prompt, the
-# state after it).
-PrefillSteps = Generator[int, int | None, tuple[torch.Tensor, ModelState]]
+# prefill(model, request): a generator that prefills the prompt in pieces. It first yields 0 before
+# any work (the scheduler primes it with next()); then each send(seconds) runs a piece of about that
+# many seconds (at least one block; None: one whole segment, `t2r.inference.prefill_budget`) and
+# yields the prompt tokens done, so that the scheduler decodes a step of the running rows between
+# two pieces; it returns (logits [1, V] after the prompt, the state after it).
+PrefillSteps = Generator[int, float | None, tuple[torch.Tensor, ModelState]]
 Prefill = Callable[[T2RForCausalLM, Request], PrefillSteps]
+# The scheduler's own: one prefill of n requests' prompts, returning logits [n, V] and their n rows.
+RowsPrefill = Generator[int, float | None, tuple[torch.Tensor, FastState]]
 
 
 def plain_prefill(model: T2RForCausalLM, request: Request) -> PrefillSteps:
-    """The prompt through the chunked form, in segments of the sizes sent."""
+    """The prompt through the chunked form, in segments of PREFILL_SEGMENT tokens, paced."""
     ids, state, logits = request.prompt[None].to(model.device), request.start_state, None
     start = 0
-    budget = yield 0
+    pace = Pace((yield 0))
     while start < ids.shape[1]:
-        if logits is not None:
-            budget = yield start
-        end = min(ids.shape[1], start + (budget or PREFILL_SEGMENT))
-        with torch.no_grad():
-            logits, state = model(ids[:, start:end], state=state, form="chunked", logits_to_keep=1)
+        if logits is not None and pace.spent(segment_done=True):
+            pace.restart((yield start))
+        end = min(ids.shape[1], start + PREFILL_SEGMENT)
+        logits, state = yield from paced_forward(
+            model, ids[:, start:end], state, pace, start, form="chunked", logits_to_keep=1
+        )
         start = end
     assert logits is not None and state is not None
     return logits[:, -1], state
@@ -123,9 +126,10 @@ class Scheduler:
         self.batchable = batchable  # requests that may be prefilled together (left-padded) instead
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []
-        self.prefilling: list[tuple[Request, PrefillSteps]] = []  # admitted, prompt partly prefilled
+        # Admitted, prompts partly prefilled: the requests prefilled together (one, or a wave of
+        # short ones left-padded) and their prefill, which returns logits [n, V] and their n rows' state.
+        self.prefilling: list[tuple[list[Request], RowsPrefill]] = []
         self.budget = PrefillBudget() if budget is None else budget  # each segment's size
-        self._prefilled: dict[Request, int] = {}  # tokens of each prompt prefilled so far
         self.logits: torch.Tensor | None = None
         empty = FastState.from_model_state(model.init_state(1))
         # The state of `max_batch` rows, allocated once (None: softmax layers, states are joined).
@@ -159,7 +163,7 @@ class Scheduler:
     def fail_all(self, error: BaseException) -> None:
         """Every request held, waiting or decoding, fails with `error` and leaves (after a fault the
         batch's state cannot be trusted); the scheduler is empty and ready for new requests."""
-        for request in [*self.waiting, *self.active, *(r for r, _ in self.prefilling)]:
+        for request in [*self.waiting, *self.active, *(r for group, _ in self.prefilling for r in group)]:
             if request.finish is None:
                 request.fail(error)
         self.waiting.clear()
@@ -254,63 +258,71 @@ class Scheduler:
         self.logits = self.logits[rows] if rows else None
 
     def _admit(self) -> None:
-        """Prefill the waiting requests that fit: those `batchable` says may share one left-padded
-        forward do (a wave of arrivals costs one batched prefill, not one per request), the rest
-        go through `prefill` one by one."""
+        """Start prefilling the waiting requests that fit: those `batchable` says may share one
+        left-padded forward do (a wave of arrivals costs one batched prefill, not one per request;
+        they wait while such a prefill runs, to go together after it), the rest go through
+        `prefill` one by one; then a piece of every prefill."""
         admitted: list[Request] = []
-        while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
+        held = len(self.active) + sum(len(group) for group, _ in self.prefilling)
+        # While a prefill of batchable prompts runs, batchable arrivals wait for it to end and then
+        # go together: one forward for many prompts costs little more than one for one prompt (most
+        # of a short prompt's forward is fixed cost), and under load prompts arrive one at a time.
+        hold_batchable = any(all(map(self.batchable, group)) for group, _ in self.prefilling)
+        held_back: list[Request] = []
+        while self.waiting and held + len(admitted) < self.max_batch:
             request = self.waiting.popleft()
-            if request.finish is None:
-                admitted.append(request)
-        together = [r for r in admitted if self.batchable(r)] if len(admitted) > 1 else []
-        if len(together) > 1:
-            try:
-                ids, mask = left_padded([r.prompt for r in together])
-                logits, state = self.model(ids.to(self.model.device), mask.to(self.model.device), form="chunked",
-                                           logits_to_keep=1)  # fmt: skip
-                fresh = FastState.from_model_state(state)
-                for row, request in enumerate(together):
-                    index = torch.tensor([row], device=fresh.seen.device)
-                    self._join(request, logits[row : row + 1, -1], fresh.select(index))
-            except Exception as error:
-                for request in together:
-                    request.fail(error)
-        for request in admitted:
-            if request in together and len(together) > 1:
+            if request.finish is not None:
                 continue
+            (held_back if hold_batchable and self.batchable(request) else admitted).append(request)
+        self.waiting.extendleft(reversed(held_back))
+        together = [r for r in admitted if self.batchable(r)] if len(admitted) > 1 else []
+        groups = [together] if len(together) > 1 else []
+        groups += [[r] for r in admitted if not (len(together) > 1 and r in together)]
+        for group in groups:
             try:
-                steps = self.prefill(self.model, request)
-                next(steps)  # primed: it waits for its first segment's size
-                self.prefilling.append((request, steps))
-                self._prefilled[request] = 0
+                steps = self._prefill_together(group) if len(group) > 1 else self._prefill_alone(group[0])
+                next(steps)  # primed: it waits for its first piece's seconds
+                self.prefilling.append((group, steps))
             except Exception as error:
-                request.fail(error)
+                for request in group:
+                    request.fail(error)
         self._advance_prefills()
 
+    def _prefill_alone(self, request: Request) -> RowsPrefill:
+        logits, state = yield from self.prefill(self.model, request)
+        return logits, FastState.from_model_state(state)
+
+    def _prefill_together(self, requests: list[Request]) -> RowsPrefill:
+        """Short prompts from the empty state, left-padded into one forward, paced as one prompt."""
+        ids, mask = left_padded([r.prompt for r in requests])
+        device = self.model.device
+        pace = Pace((yield 0))
+        logits, state = yield from paced_forward(
+            self.model, ids.to(device), None, pace, 0, attention_mask=mask.to(device), form="chunked", logits_to_keep=1
+        )
+        return logits[:, -1], FastState.from_model_state(state)
+
     def _advance_prefills(self) -> None:
-        """One segment of every prompt being prefilled; a prompt done joins the batch. Between two
-        segments the running rows decode a step: a long prompt does not stall them."""
-        still: list[tuple[Request, PrefillSteps]] = []
-        size = self.budget.tokens(decoding=bool(self.active), prompts=len(self.prefilling))
-        for request, steps in self.prefilling:
-            if request.finish is not None:  # cancelled while its prompt was prefilled
+        """A piece of every prefill; the requests of a prefill done join the batch. Between two
+        pieces the running rows decode a step: a long prompt does not stall them."""
+        still: list[tuple[list[Request], RowsPrefill]] = []
+        seconds = self.budget.seconds(decoding=bool(self.active))
+        for group, steps in self.prefilling:
+            if all(request.finish is not None for request in group):  # cancelled while prefilled
                 steps.close()
-                self._prefilled.pop(request, None)
                 continue
-            started, before = time.perf_counter(), self._prefilled[request]
             try:
-                done = steps.send(size)
-                self.budget.observe_prefill(done - before, time.perf_counter() - started)
-                self._prefilled[request] = done
-                still.append((request, steps))
+                steps.send(seconds)
+                still.append((group, steps))
             except StopIteration as finished:
-                self._prefilled.pop(request)
-                self.budget.observe_prefill(len(request.prompt) - before, time.perf_counter() - started)
-                logits, state = finished.value
-                self._join(request, logits, FastState.from_model_state(state))
+                logits, fresh = finished.value
+                for row, request in enumerate(group):
+                    if request.finish is None:
+                        index = torch.tensor([row], device=fresh.seen.device)
+                        self._join(request, logits[row : row + 1], fresh if len(group) == 1 else fresh.select(index))
             except Exception as error:
-                self._prefilled.pop(request, None)
-                request.fail(error)
+                for request in group:
+                    request.fail(error)
         self.prefilling = still
 
     def _join(self, request: Request, logits: torch.Tensor, fresh: FastState) -> None:

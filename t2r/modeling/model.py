@@ -7,6 +7,7 @@ recurrent state explicitly. All other modules are the teacher's own: embeddings,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -121,6 +122,29 @@ class T2RForCausalLM(nn.Module):
         checkpoint_layers (training): each block's activations are recomputed in backward instead of
         kept, so one block's exist at a time; the returned state then has no autograd history.
         """
+        blocks = self.forward_by_blocks(
+            input_ids, attention_mask, state, form, logits_to_keep, return_hidden, checkpoint_layers
+        )
+        while True:
+            try:
+                next(blocks)
+            except StopIteration as done:
+                return done.value
+
+    def forward_by_blocks(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: ModelState | None = None,
+        form: str = "chunked",
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+        checkpoint_layers: bool = False,
+    ) -> Generator[int, None, tuple[torch.Tensor, ModelState]]:
+        """`forward` (the same arguments and result) as a generator that yields between two blocks
+        (the number of blocks done): a server pauses a prompt's prefill there to decode a step of
+        its running rows (`t2r.inference.prefill_budget`), so that a prefill's pause is a block's
+        time, not a whole forward's."""
         batch, _ = input_ids.shape
         if state is None:
             state = self.init_state(batch)
@@ -136,6 +160,8 @@ class T2RForCausalLM(nn.Module):
         next_layers: list[Any] = [None] * len(layers)
         recompute = checkpoint_layers and torch.is_grad_enabled()
         for index, (layer, layer_state) in enumerate(zip(layers, state.layers, strict=True)):
+            if index:
+                yield index
             attention = self.adapter.attention(layer)
 
             def attend(x: torch.Tensor, attention=attention, layer_state=layer_state, index=index) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from t2r.inference.prefill_budget import PREFILL_SEGMENT
+from t2r.inference.prefill_budget import PREFILL_SEGMENT, Pace, paced_forward
 from t2r.modeling.model import T2RForCausalLM
 from t2r.ops.state import ModelState
 
@@ -69,10 +69,10 @@ def prefix_keys(ids: torch.Tensor, block: int, salt: bytes = b"") -> list[tuple[
     return keys
 
 
-# A prompt is prefilled in segments of at most PREFILL_SEGMENT tokens (smaller while rows decode:
-# `t2r.inference.prefill_budget`): between two segments the server decodes a step of the running
-# rows, and a scored prompt (echo + logprobs) holds [<= PREFILL_SEGMENT, V] logits, never [T, V].
-PrefillSteps = Generator[int, int | None, tuple[torch.Tensor, ModelState, int]]
+# A prompt is prefilled in segments of at most PREFILL_SEGMENT tokens, each paced (paused between two
+# blocks: `t2r.inference.prefill_budget`): between two pieces the server decodes a step of the
+# running rows, and a scored prompt (echo + logprobs) holds [<= PREFILL_SEGMENT, V] logits, never [T, V].
+PrefillSteps = Generator[int, float | None, tuple[torch.Tensor, ModelState, int]]
 
 
 def segmented_prefill_steps(
@@ -84,9 +84,10 @@ def segmented_prefill_steps(
     each_segment: Callable[[torch.Tensor, int], None] | None = None,
     salt: bytes = b"",
 ) -> PrefillSteps:
-    """Prefill ids [T] from `state` in segments that end at multiples of `block` too: first it
-    yields 0 (primed, no work done), then each send(n) prefills a segment of at most n tokens (None:
-    PREFILL_SEGMENT; never more) and yields the tokens done, except after the last segment.
+    """Prefill ids [T] from `state` in segments of at most PREFILL_SEGMENT tokens that end at
+    multiples of `block` too: first it yields 0 (primed, no work done), then each send(seconds) runs
+    a piece of about that many seconds (at least one block; None: one segment) and yields the tokens
+    done, except after the last piece.
 
     Without a starting state, the longest cached prefix is used (unless `each_segment`: every
     position's logits are needed) and the states at the boundaries passed are cached (`salt`: the
@@ -110,15 +111,15 @@ def segmented_prefill_steps(
     key_at = dict(keys)
     boundaries = sorted(end for end in key_at if end > start)
     logits = None
-    budget = yield 0
+    pace = Pace((yield 0))
     while start < len(ids):
-        if logits is not None:
-            budget = yield start  # a segment is done: the caller may decode a step before the next
-        size = min(budget or PREFILL_SEGMENT, PREFILL_SEGMENT)
-        end = min([len(ids), start + size, *(b for b in boundaries if b > start)])
+        if logits is not None and pace.spent(segment_done=True):
+            pace.restart((yield start))  # the caller may decode a step before the next piece
+        end = min([len(ids), start + PREFILL_SEGMENT, *(b for b in boundaries if b > start)])
         segment = ids[start:end][None].to(model.device)
-        with torch.no_grad():
-            logits, state = model(segment, state=state, form="chunked", logits_to_keep=0 if each_segment else 1)
+        logits, state = yield from paced_forward(
+            model, segment, state, pace, start, form="chunked", logits_to_keep=0 if each_segment else 1
+        )
         if each_segment is not None:
             each_segment(logits[0], start)
         if cache is not None and end in key_at:
