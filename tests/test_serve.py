@@ -628,3 +628,25 @@ def test_serve_decodes_with_the_fastest_path_the_machine_supports(monkeypatch: p
     monkeypatch.setattr(server, "cpp_compiler_missing", lambda: "no C++ compiler")
     assert server.fastest_decode(None, None) == ("fp32", False, "weights fp32: no AVX2; not compiled: no C++ compiler")
     assert server.fastest_decode("int8", True) == ("int8", True, "")
+
+
+def test_only_prompts_of_one_segment_are_prefilled_together(model) -> None:
+    """Prompts prefilled together go in one left-padded forward of [n, longest]: without a prefix
+    cache a prompt of any length used to qualify, so up to max_batch long prompts made one
+    unbounded forward. Now a prompt longer than a segment (or than a prefix block) goes alone."""
+    import asyncio as aio
+
+    from t2r.inference.prefill_budget import PREFILL_SEGMENT
+    from t2r.inference.scheduler import Request
+    from t2r.serving.engine import Engine, Job
+    from t2r.serving.metrics import Metrics
+
+    engine = Engine(model, 4, Metrics(), prefix_cache=None)
+    loop = aio.new_event_loop()
+    try:
+        for length, together in ((PREFILL_SEGMENT, True), (PREFILL_SEGMENT + 1, False)):
+            request = Request(torch.ones(length, dtype=torch.long), 1)
+            engine._jobs[request] = Job(request, loop, aio.Queue())
+            assert engine._batchable(request) is together
+    finally:
+        loop.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from t2r.inference.prefill_budget import PREFILL_SEGMENT
 from t2r.inference.scheduler import PrefillSteps, Request, Scheduler, Step
 from t2r.modeling.fast_decode import fast_step
 from t2r.modeling.model import T2RForCausalLM
@@ -241,10 +242,12 @@ class Engine:
         return state, job.keep_tokens
 
     def _batchable(self, request: Request) -> bool:
-        """A prompt with no prefix-state boundary inside it (shorter than a block), no session and no
-        scoring: it never meets the prefix cache, so it may be prefilled with others at once."""
+        """A prompt of at most one segment with no prefix-state boundary inside it (shorter than a
+        block), no session and no scoring: it never meets the prefix cache, so it may be prefilled
+        with others at once (up to max_batch prompts of a segment each: a bounded forward)."""
         job = self._jobs[request]
-        short = self.prefix_cache is None or self.prefix_block == 0 or len(request.prompt) <= self.prefix_block
+        no_boundary = self.prefix_cache is None or self.prefix_block == 0 or len(request.prompt) <= self.prefix_block
+        short = len(request.prompt) <= PREFILL_SEGMENT and no_boundary
         return request.start_state is None and job.score_prompt is None and short
 
     def _prefill(self, model: T2RForCausalLM, request: Request) -> PrefillSteps:
