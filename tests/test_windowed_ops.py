@@ -142,6 +142,34 @@ def test_the_chunked_form_goes_parallel_where_its_scores_are_no_larger(monkeypat
     assert parallel_calls == [8, 12]
 
 
+@pytest.mark.parametrize("empty", [2, 6], ids=["some-empty", "all-empty"])
+@pytest.mark.parametrize("length", [1, 5, 9])
+@pytest.mark.parametrize("decay", [False, True], ids=["no-decay", "decay"])
+@pytest.mark.parametrize("linear_heads", LINEAR_HEADS)
+def test_skipping_the_empty_window_slots_changes_nothing(
+    empty: int, length: int, decay: bool, linear_heads: str
+) -> None:
+    """skip_empty leaves the window's leading slots that are empty in every row out of the scores:
+    outputs, final state and gradients as without it (the skipped slots added exact zeros; only
+    the sums' lengths differ, so the tolerance is the ops' own). Window 6, sinks, padding in row 1;
+    a final window that still holds skipped slots (length 1) and one that does not (length 9)."""
+    rates = LINEAR_HEADS[linear_heads][1] if decay else None
+
+    def case():
+        phi, leaves, valid, (window_valid, sink_valid) = make_case(length, 6, sinks=3, linear_heads=linear_heads)
+        window_valid[:, :empty] = False
+        return phi, leaves, valid, (window_valid, sink_valid)
+
+    expected = run(windowed_attention, case(), rates)
+    got = run(functools.partial(windowed_attention, skip_empty=True), case(), rates)
+    assert_close(got[0], expected[0], "output")
+    for index, (a, b) in enumerate(zip(got[1], expected[1], strict=True)):
+        assert_close(a, b, f"final state {index}")
+    assert all(torch.equal(a, b) for a, b in zip(got[2], expected[2], strict=True))
+    for index, (a, b) in enumerate(zip(got[3], expected[3], strict=True)):
+        assert_close(a, b, f"gradient {index}", tolerance=1e-4)
+
+
 @pytest.mark.parametrize("op", [windowed_attention, *FORMS.values()])
 def test_an_empty_sequence_returns_no_output_and_the_state_it_was_given(op) -> None:
     phi, leaves, valid, valids = make_case(0, 4, sinks=3)

@@ -71,12 +71,14 @@ def _parallel_when_smaller(op: AttentionOp, chunk_size: int, *args, **kwargs) ->
     one and a half chunks here). The same maths (both are tested against each other) within the
     chunked form's memory bound, in fewer operations: no padding to whole chunks, no blocks, no
     prefix sums. (A 16-token prefill segment of the shipped model: 208 ms chunked, 149 ms parallel;
-    32 prompts of ~70 tokens together spent most of their prefill in the chunked blocks' softmax.)"""
+    32 prompts of ~70 tokens together spent most of their prefill in the chunked blocks' softmax.)
+    The window's leading slots empty in every row are skipped (`skip_empty`): a prompt's first
+    segment scores its own tokens, not W empty slots besides."""
     q = args[0] if args else kwargs["q"]
     state = args[6] if len(args) > 6 else kwargs["initial_state"]
     length, window = q.shape[2], state.window
     if length * (window + length) <= -(-length // chunk_size) * chunk_size * (chunk_size + window):
-        return windowed_attention(*args, **kwargs)
+        return windowed_attention(*args, **kwargs, skip_empty=True)
     return op(*args, **kwargs)
 
 

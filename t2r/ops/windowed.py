@@ -47,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from t2r.ops.state import HybridAttentionState, LinearAttentionState
 
@@ -193,6 +194,12 @@ def softmax_with_sinks(
     return both.split([scores.shape[-1], sink_scores.shape[-1]], dim=-1)
 
 
+def leading_empty_slots(valid: torch.Tensor) -> int:
+    """valid [B, W] -> how many leading window slots are empty (invalid) in every row."""
+    used = valid.any(0)  # [W]
+    return int(used.long().argmax()) if bool(used.any()) else valid.shape[1]
+
+
 def no_global_cache(state: HybridAttentionState) -> None:
     """The parallel and chunked forms take no global cache: whether a key stays cached depends on
     every earlier choice (`ops.global_cache`), so such a state goes token by token (`ops.dispatch`)."""
@@ -216,10 +223,16 @@ def windowed_attention(
     decay: torch.Tensor | None = None,
     sink_queries: torch.Tensor | None = None,
     softcap: float | None = None,
+    skip_empty: bool = False,
 ) -> tuple[torch.Tensor, HybridAttentionState]:
     """Parallel (quadratic) form over the window slots of the state followed by the T new tokens.
 
-    Returns out [B, H, T, D] in v's dtype and the final state.
+    Returns out [B, H, T, D] in v's dtype and the final state. skip_empty: the state's leading
+    window slots that are empty in every row (a window not yet filled: every prompt's first
+    segment) are left out of the scores; they add nothing (masked in the softmax, zero features in
+    the linear part), so the result is the same in fewer operations (a fresh 64-token prompt: 64
+    key slots per query instead of W + 64). It reads the valid slots (a sync on an accelerator);
+    not while compiling.
     """
     state = initial_state
     no_global_cache(state)
@@ -230,18 +243,21 @@ def windowed_attention(
     values = torch.cat([state.values, v.to(state.values.dtype)], dim=2)
     all_linear_keys = torch.cat([state.linear_keys, linear_keys.to(state.linear_keys.dtype)], dim=2)
     all_valid = torch.cat([state.valid, sinks.window_valid], dim=1)  # [B, S]
-    values_h = repeat_heads(values, heads).float()  # [B, H, S, D]
+    # Scored slots: first .. S - 1 (first > 0 only with skip_empty: the leading slots empty in every row).
+    first = leading_empty_slots(state.valid) if skip_empty and not torch.compiler.is_compiling() else 0
+    values_h = repeat_heads(values[:, :, first:], heads).float()  # [B, H, S - first, D]
     linear_heads = state.linear.kv.shape[1]  # L: H, or G for a state per key/value head
-    phi_k = key_features(all_linear_keys, all_valid, feature_map_k, linear_heads)  # [B, L, S, F]
+    phi_k = key_features(all_linear_keys[:, :, first:], all_valid[:, first:], feature_map_k, linear_heads)
     read_decay = per_query_head(decay, heads)
 
     query_slot = torch.arange(length, device=q.device)[:, None] + window  # [T, 1]
-    key_slot = torch.arange(window + length, device=q.device)[None, :]  # [1, S]
+    key_slot = torch.arange(first, window + length, device=q.device)[None, :]  # [1, S - first]
     causal = key_slot <= query_slot
     in_window = key_slot > query_slot - window
-    key_ok = all_valid[:, None, None, :]  # [B, 1, 1, S]
+    key_ok = all_valid[:, None, None, first:]  # [B, 1, 1, S - first]
 
-    scores = capped(torch.einsum("bhtd,bhsd->bhts", q.float(), repeat_heads(keys, heads).float()) * scale, softcap)
+    scored_keys = repeat_heads(keys[:, :, first:], heads).float()
+    scores = capped(torch.einsum("bhtd,bhsd->bhts", q.float(), scored_keys) * scale, softcap)
     sink_q = q if sink_queries is None else sink_queries
     sink_scores = torch.einsum("bhtd,bhsd->bhts", sink_q.float(), repeat_heads(sinks.keys, heads).float()) * scale
     sink_scores = capped(sink_scores, softcap)
@@ -263,12 +279,13 @@ def windowed_attention(
         window_share,
         eps,
     )
-    # The last W slots stay in the window; the T slots before them leave it for the linear state.
-    leaving = slice(0, length)
+    # The last W slots stay in the window; the T slots before them leave it for the linear state
+    # (a skipped slot as zero features: it adds nothing, but it is a step of the decay).
+    skipped = min(first, length)
+    phi_leaving = F.pad(phi_k[:, :, : length - skipped], (0, 0, skipped, 0))
+    values_leaving = repeat_heads(values, linear_heads)[:, :, :length].float()
     final_state = HybridAttentionState(
-        linear=decayed_final_linear(
-            state.linear, phi_k[:, :, leaving], repeat_heads(values, linear_heads)[:, :, leaving].float(), decay
-        ),
+        linear=decayed_final_linear(state.linear, phi_leaving, values_leaving, decay),
         keys=keys[:, :, length:],
         values=values[:, :, length:],
         linear_keys=all_linear_keys[:, :, length:],
