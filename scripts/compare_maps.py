@@ -288,16 +288,18 @@ def plot(rows: list[dict], teacher: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5))
-    for row in rows:
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(14, 6.5))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 rows
+    for number, row in enumerate(rows):
         points = row["curve"]
         label = f"{row['name']} ({'converged' if row['converged'] else 'not converged'})"
         curves.plot([p["tokens"] for p in points], [p["loss"] for p in points], marker="o", markersize=3,
-                    linestyle="-" if row["converged"] else "--", label=label)  # fmt: skip
+                    color=colours[number % len(colours)], linestyle="-" if row["converged"] else "--",
+                    label=label)  # fmt: skip
     curves.set_xlabel("training tokens")
     curves.set_ylabel("held-out loss (nll, validation blocks)")
     curves.set_title("Held-out loss while training (dashed: not converged)")
-    curves.legend(fontsize=7)
+    curves.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: clear of the curves
     names = [row["name"] for row in rows]
     ratios = [row["wikitext2"]["perplexity"] for row in rows]
     bars.barh(names[::-1], ratios[::-1], color="tab:blue")
