@@ -261,6 +261,7 @@ def report(teacher: dict, results: list[dict | None], rows: list[Row], args: arg
             f"{w['kl']:.3f} | {w['top1_agreement']:.3f} | {h['perplexity']:.1f} | {h['perplexity'] / novel:.2f} | "
             f"{state} ({row['improvement_last_quarter']:.1%}) | {row['train_minutes']:.0f} |"
         )
+    lines += ["", *orderings(results, rows, wiki, novel)]
     tokens = finished[0]["train_tokens"] if finished else args.steps * BLOCK_TOKENS
     sweeps = "; ".join(
         f"{row['name']}: " + ", ".join(f"{rate} → {ppl:.0f}" for rate, ppl in row["sweep"].items())
@@ -280,6 +281,37 @@ def report(teacher: dict, results: list[dict | None], rows: list[Row], args: arg
         "![held-out loss curves and perplexity by row](benchmarks/compare_maps.png)",
     ]
     replace_section(ROOT / "BENCHMARKS.md", "compare", "\n".join(lines), "The paper's comparison at equal budget")
+
+
+PROTOCOL_LABELS = {"swap": "swap + fine-tune", "transfer": "transfer + fine-tune", "scratch": "from random weights"}
+
+
+def times(ratio: float) -> str:
+    """A perplexity ratio for the rankings: two decimals below 10x, one above."""
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
+
+
+def orderings(results: list[dict | None], rows: list[Row], wiki: float, novel: float) -> list[str]:
+    """The finished rows ranked within each protocol (the reading below the table quotes these), and
+    how many chose the largest rate of their sweep or passed the convergence rule."""
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for row, result in zip(rows, results, strict=True):
+        if result is not None:
+            group = "with a 64-token window" if row.hybrid_of is not None else PROTOCOL_LABELS[row.protocol]
+            groups.setdefault(group, []).append((row.name.split(":")[0], result))
+    lines = ["Ranked by WikiText-2 perplexity (x teacher on WikiText-2 / on the held-out novel):"]
+    for group, members in groups.items():
+        ranked = sorted(members, key=lambda member: member[1]["wikitext2"]["perplexity"])
+        lines.append(f"- {group}: " + ", ".join(
+            f"{name} {times(r['wikitext2']['perplexity'] / wiki)} / {times(r['held_out']['perplexity'] / novel)}"
+            for name, r in ranked))  # fmt: skip
+    swept = [(row, result) for row, result in zip(rows, results, strict=True) if result and result.get("sweep")]
+    at_edge = sum(result["lr_finetune"] == max(row.rates) for row, result in swept)
+    finished = [result for result in results if result is not None]
+    converged = sum(result["converged"] for result in finished)
+    lines.append(f"- {at_edge} of {len(swept)} swept rows chose the largest rate of their sweep; "
+                 f"{converged} of {len(finished)} rows pass the convergence rule.")  # fmt: skip
+    return lines
 
 
 def plot(rows: list[dict], teacher: dict, path: Path) -> None:

@@ -69,3 +69,23 @@ def test_the_hybrid_rows_are_the_best_two_maps_once_every_converted_row_is_done(
     rows = compare.hybrid_rows(base, done)
     assert [row.name for row in rows] == ["hedgehog: swap + fine-tune, window 64", "t2r: swap + fine-tune, window 64"]
     assert all(row.extra == ["--window", "64", "--sinks", "4"] and row.hybrid_of is not None for row in rows)
+
+
+def test_the_rankings_order_each_protocol_by_wikitext_perplexity(compare) -> None:
+    """Under the table: rows ranked within their protocol, ratios to the teacher, the sweep-edge count."""
+    base = compare.base_rows()
+    ppl = {0: 300.0, 1: 90.0, 2: 60.0, 3: 120.0, 8: 5000.0}  # elu swap/transfer, rfa swap/transfer, scratch
+
+    def result(i: int) -> dict:
+        rate = max(base[i].rates) if i != 2 else min(base[i].rates)
+        return {"wikitext2": {"perplexity": ppl[i]}, "held_out": {"perplexity": ppl[i] / 2},
+                "lr_finetune": rate, "sweep": {"x": 1.0}, "converged": i != 8}  # fmt: skip
+
+    results = [result(i) if i in ppl else None for i in range(len(base))]
+    lines = compare.orderings(results, base, wiki=30.0, novel=10.0)
+    assert lines[1] == "- swap + fine-tune: rfa 2.00x / 3.00x, elu 10.0x / 15.0x"
+    assert lines[2] == "- transfer + fine-tune: elu 3.00x / 4.50x, rfa 4.00x / 6.00x"
+    assert lines[3] == "- from random weights: t2r 166.7x / 250.0x"
+    assert lines[4] == (
+        "- 4 of 5 swept rows chose the largest rate of their sweep; 4 of 5 rows pass the convergence rule."
+    )
