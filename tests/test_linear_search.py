@@ -1,0 +1,48 @@
+"""scripts/linear_search.py's flags: the transfer run is the linear recipe's conversion, and its
+distillation variants continue the converted model (which `t2r train` refuses to convert again)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def search():
+    sys.path.insert(0, str(SCRIPTS))  # the script imports recipe.py and compare_maps.py beside it
+    spec = importlib.util.spec_from_file_location("linear_search", SCRIPTS / "linear_search.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["linear_search"] = module
+    spec.loader.exec_module(module)
+    yield module
+    for name in ("linear_search", "compare_maps", "recipe"):
+        sys.modules.pop(name, None)
+    sys.path.remove(str(SCRIPTS))
+
+
+def parse(flags: list[str]):
+    from t2r.cli import build_parser
+
+    return build_parser().parse_args(["train", "--out", "run", *flags])
+
+
+def test_the_transfer_run_converts_as_the_recipe_does(search) -> None:
+    """Every flag of the recipe but its step counts, rate, LoRA rank and checkpoint interval."""
+    args = parse(search.recipe_flags(drop_conversion=False))
+    assert (args.feature_map, args.feature_dim, args.untie_qk, args.window) == ("hedgehog", 64, True, 0)
+    assert (args.batch_size, args.seq_len, args.ce_weight, args.distill_weight) == (4, 512, 0.0, 1.0)
+    assert args.distill_data and len(args.data) == 4
+
+
+def test_a_variant_carries_no_conversion_flag(search) -> None:
+    """prepare_student refuses a converted model given any conversion flag: all must be unset."""
+    for flags in search.VARIANTS.values():
+        args = parse(["--model", "converted", *search.recipe_flags(drop_conversion=True), *flags])
+        conversion = (args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.linear_heads)
+        assert conversion == (None,) * 6 and not args.untie_qk
+        assert args.data == parse(search.recipe_flags(drop_conversion=False)).data
