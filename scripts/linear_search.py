@@ -5,7 +5,7 @@
 
 One attention transfer with the linear recipe's flags (scripts/recipe.py) for --transfer-steps, validated
 every 50 steps: the transfer's curve of top-1 agreement. Then, from that model, each variant's
-distillation of --distill-steps, validated every 10 steps (its curve), and scored against the teacher on
+distillation of --distill-steps, validated halfway (its curve), and scored against the teacher on
 the first --tokens of the first half of Dorian Gray (pg174): text no recipe trains on, and not the text
 any figure is reported on (WikiText-2 test and the recipe's two held-out novels are never looked at here).
 The two curves give each stage's gain in agreement per second of the hour; the scores choose the variant.
@@ -22,6 +22,8 @@ from pathlib import Path
 
 from compare_maps import held_out_halves, score, t2r
 from recipe import COMMON_FLAGS, RECIPES, SHARED
+
+from t2r.evaluation.markdown import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "linear_search.json"
@@ -107,7 +109,7 @@ def main() -> None:
         if name in result["rows"] or (args.rows is not None and done >= args.rows):
             continue
         run = args.out / ("distill-" + "-".join(flag.strip("-") for flag in flags))
-        steps = ["--transfer-steps", "0", "--finetune-steps", str(args.distill_steps), "--eval-every", "10"]
+        steps = ["--transfer-steps", "0", "--finetune-steps", str(args.distill_steps), "--eval-every", "25"]
         started = time.time()
         seconds = train(run, ["--model", str(transfer / "model"), *recipe_flags(True), *flags, *steps])
         result["rows"][name] = {"flags": flags, "seconds": seconds, "curve": curve(run),
@@ -120,20 +122,32 @@ def main() -> None:
 
 
 def report(result: dict) -> None:
-    """Each row's held-out score beside the teacher's, and each stage's agreement gained per minute."""
+    """The search's table in BENCHMARKS.md: each row's held-out score beside the teacher's, minutes, curves."""
     teacher = result["teacher"]["perplexity"]
-    transfer = result.get("transfer")
-    if transfer:
-        points = transfer["curve"]
-        print(f"transfer {result['transfer_steps']} steps ({transfer['seconds'] / 60:.1f} min): held-out "
-              f"{transfer['held_out']['perplexity'] / teacher:.2f}x teacher, top-1 "
-              f"{transfer['held_out']['top1_agreement']:.3f}; curve "
-              + " ".join(f"{p['steps']}:{p['top1']:.3f}" for p in points))  # fmt: skip
-    for name, row in result["rows"].items():
+    lines = [
+        f"| stage from the same transfer | minutes | {result['text']}: x teacher | top-1 | KL | "
+        "validation top-1 by step |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = {}
+    if "transfer" in result:
+        rows[f"transfer only, {result['transfer_steps']} steps"] = result["transfer"]
+    rows.update(
+        {f"+ distillation {result['distill_steps']} steps, {name}": row for name, row in result["rows"].items()}
+    )
+    for name, row in rows.items():
         held_out = row["held_out"]
-        print(f"{name}: {row['seconds'] / 60:.1f} min, held-out {held_out['perplexity'] / teacher:.2f}x teacher, "
-              f"top-1 {held_out['top1_agreement']:.3f}, KL {held_out['kl']:.3f}; curve "
-              + " ".join(f"{p['steps']}:{p['top1']:.3f}" for p in row["curve"]))  # fmt: skip
+        curve = ", ".join(f"{point['steps']}: {point['top1']:.3f}" for point in row["curve"])
+        lines.append(f"| {name} | {row['seconds'] / 60:.1f} | {held_out['perplexity'] / teacher:.3f} | "
+                     f"{held_out['top1_agreement']:.3f} | {held_out['kl']:.3f} | {curve} |")  # fmt: skip
+    lines += [
+        "",
+        f"Held out: the first {result['tokens']:,} tokens of the {result['text']}, windows of 512; teacher "
+        f"perplexity {teacher:.2f}. Validation: the run's held-out blocks of its training mix. Minutes: the "
+        "stage's `t2r train` loop, validations included. Command: `python scripts/linear_search.py`.",
+    ]
+    replace_section(ROOT / "BENCHMARKS.md", "linear-search", "\n".join(lines), "Searching the pure-linear hour")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,20 @@ def test_a_variant_carries_no_conversion_flag(search) -> None:
         conversion = (args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.linear_heads)
         assert conversion == (None,) * 6 and not args.untie_qk
         assert args.data == parse(search.recipe_flags(drop_conversion=False)).data
+
+
+def test_the_report_puts_each_row_beside_the_teacher(search, tmp_path: Path, monkeypatch) -> None:
+    """x teacher is the row's held-out perplexity over the teacher's on the same text; one line a row."""
+    monkeypatch.setattr(search, "ROOT", tmp_path)
+    point = {"stage": "finetune", "steps": 50, "top1": 0.5, "kl": 0.9}
+    held_out = {"perplexity": 40.0, "top1_agreement": 0.5, "kl": 0.9}
+    result = {
+        "text": "first half of Dorian Gray (pg174)", "tokens": 8192, "transfer_steps": 200, "distill_steps": 50,
+        "teacher": {"perplexity": 20.0},
+        "transfer": {"seconds": 600.0, "curve": [point], "held_out": {**held_out, "perplexity": 50.0}},
+        "rows": {"lora8": {"seconds": 120.0, "curve": [point], "held_out": held_out}},
+    }  # fmt: skip
+    search.report(result)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| transfer only, 200 steps | 10.0 | 2.500 | 0.500 | 0.900 | 50: 0.500 |" in text
+    assert "| + distillation 50 steps, lora8 | 2.0 | 2.000 | 0.500 | 0.900 | 50: 0.500 |" in text
