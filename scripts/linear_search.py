@@ -32,8 +32,8 @@ RESULT = ROOT / "benchmarks" / "linear_search.json"
 # tenth of the rate: 1e-3 on all 135M weights would walk far from the teacher in a few steps).
 VARIANTS = {
     "lora8 lr1e-3 (the recipe's)": ["--lora-rank", "8", "--lr-finetune", "1e-3"],
-    "lora32 lr1e-3": ["--lora-rank", "32", "--lr-finetune", "1e-3"],
     "full lr1e-4": ["--full", "--lr-finetune", "1e-4"],
+    "lora32 lr1e-3": ["--lora-rank", "32", "--lr-finetune", "1e-3"],
 }
 # Flags of the linear recipe that make the conversion: dropped when training an already converted model.
 CONVERSION = {"--feature-map": 1, "--feature-dim": 1, "--untie-qk": 0, "--window": 1}
