@@ -28,27 +28,31 @@ from t2r.evaluation.markdown import replace_section
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "linear_search.json"
 # Distillation variants, each from the same transferred model with the same steps and data. LoRA rank 8 at
-# 1e-3 is the recipe's; rank 32 gives the adapters four times the room; --full trains every weight (at a
+# 1e-3 is the earlier recipe's; rank 32 gives the adapters four times the room; --full trains every weight (at a
 # tenth of the rate: 1e-3 on all 135M weights would walk far from the teacher in a few steps).
 VARIANTS = {
-    "lora8 lr1e-3 (the recipe's)": ["--lora-rank", "8", "--lr-finetune", "1e-3"],
+    "lora8 lr1e-3 (the earlier recipe's)": ["--lora-rank", "8", "--lr-finetune", "1e-3"],
     "full lr1e-4": ["--full", "--lr-finetune", "1e-4"],
     "lora32 lr1e-3": ["--lora-rank", "32", "--lr-finetune", "1e-3"],
 }
-# Flags of the linear recipe that make the conversion: dropped when training an already converted model.
+# Flags of the linear recipe that make the conversion (dropped when training an already converted model),
+# and those that set the steps or the distillation, which this search varies (always dropped): how many
+# values each takes.
 CONVERSION = {"--feature-map": 1, "--feature-dim": 1, "--untie-qk": 0, "--window": 1}
+VARIED = {"--transfer-steps": 1, "--finetune-steps": 1, "--lr-finetune": 1, "--lora-rank": 1, "--full": 0,
+          "--checkpoint-every": 1}  # fmt: skip
 
 
 def recipe_flags(drop_conversion: bool) -> list[str]:
-    """The linear recipe's flags without its step counts, rate and LoRA rank (and conversion flags if asked)."""
+    """The linear recipe's flags without those VARIED here (and without its conversion flags if asked)."""
     flags, out, skip = [*COMMON_FLAGS, *RECIPES["linear"]["flags"]], [], 0
-    stepwise = {"--transfer-steps", "--finetune-steps", "--lr-finetune", "--lora-rank", "--checkpoint-every"}
+    dropped = {**VARIED, **(CONVERSION if drop_conversion else {})}
     for flag in flags:
         if skip:
             skip -= 1
             continue
-        if flag in stepwise or (drop_conversion and flag in CONVERSION):
-            skip = CONVERSION.get(flag, 1)
+        if flag in dropped:
+            skip = dropped[flag]
             continue
         out.append(flag)
     data = [item for name in RECIPES["linear"]["books"] for item in ("--data", str(SHARED / "books" / name))]

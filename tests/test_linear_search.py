@@ -40,11 +40,17 @@ def test_the_transfer_run_converts_as_the_recipe_does(search) -> None:
 
 
 def test_a_variant_carries_no_conversion_flag(search) -> None:
-    """prepare_student refuses a converted model given any conversion flag: all must be unset."""
+    """prepare_student refuses a converted model given any conversion flag: all must be unset. The
+    distillation's adapters are the variant's alone (not the recipe's --full or LoRA rank)."""
     for flags in search.VARIANTS.values():
         args = parse(["--model", "converted", *search.recipe_flags(drop_conversion=True), *flags])
         conversion = (args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.linear_heads)
         assert conversion == (None,) * 6 and not args.untie_qk
+        from t2r.training.config import TrainConfig
+
+        assert args.full == ("--full" in flags)
+        rank = int(flags[flags.index("--lora-rank") + 1]) if "--lora-rank" in flags else TrainConfig().lora_rank
+        assert args.lora_rank == rank
         assert args.data == parse(search.recipe_flags(drop_conversion=False)).data
 
 
