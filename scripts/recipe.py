@@ -73,8 +73,8 @@ RECIPES = {
     # pure-linear hour"): the transfer's agreement is flat over its last 50 of 200 steps while 25 steps of
     # distillation add more than its whole second half, and distilling every weight (--full, lr 1e-4)
     # beats LoRA rank 8 at lr 1e-3 at equal steps and at about equal minutes. So the hour goes mostly to
-    # distillation: 100 + 150 steps (a transfer step ~6 s, a full distillation step ~17 s here on
-    # 2026-12-07: about 55 minutes).
+    # distillation: 100 + 150 steps (a transfer step ~6 s, a full distillation step 17-20 s here on
+    # 2026-12-07: `t2r train` took 59 minutes; a machine that slow holds no more steps in the hour).
     "linear": {
         "flags": [
             "--window",
