@@ -71,10 +71,10 @@ RECIPES = {
     # Issue 3's recipe: pure linear attention, attention transfer then distillation. Issue 33's search
     # (scripts/linear_search.py, chosen on the first half of Dorian Gray; BENCHMARKS.md, "Searching the
     # pure-linear hour"): the transfer's agreement is flat over its last 50 of 200 steps while 25 steps of
-    # distillation add more than its whole second half, and distilling every weight (--full, lr 1e-4)
-    # beats LoRA rank 8 at lr 1e-3 at equal steps and at about equal minutes. So the hour goes mostly to
-    # distillation: 100 + 150 steps (a transfer step ~6 s, a full distillation step 17-20 s here on
-    # 2026-12-07: `t2r train` took 59 minutes; a machine that slow holds no more steps in the hour).
+    # distillation add more than its whole second half, and LoRA rank 32 at lr 1e-3 scored best of the
+    # three distillations tried (LoRA 8 at 1e-3, every weight at 1e-4, LoRA 32 at 1e-3) at equal steps, in
+    # the fewest minutes. So the hour goes mostly to distillation: 100 + 170 steps (a transfer step ~6 s,
+    # a LoRA-32 distillation step ~13.5-15 s, a validation ~38 s here on 2026-12-07: ~57 minutes).
     "linear": {
         "flags": [
             "--window",
@@ -82,12 +82,11 @@ RECIPES = {
             "--transfer-steps",
             "100",
             "--finetune-steps",
-            "150",
+            "170",
             "--lora-rank",
-            "0",
-            "--full",
+            "32",
             "--lr-finetune",
-            "1e-4",
+            "1e-3",
         ],
         "books": ["pg1342.txt", "pg1661.txt", "pg98.txt"],
         "shakespeare": True,
