@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from t2r.training.config import TrainConfig
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -46,8 +48,6 @@ def test_a_variant_carries_no_conversion_flag(search) -> None:
         args = parse(["--model", "converted", *search.recipe_flags(drop_conversion=True), *flags])
         conversion = (args.feature_map, args.feature_dim, args.window, args.half_life, args.sinks, args.linear_heads)
         assert conversion == (None,) * 6 and not args.untie_qk
-        from t2r.training.config import TrainConfig
-
         assert args.full == ("--full" in flags)
         rank = int(flags[flags.index("--lora-rank") + 1]) if "--lora-rank" in flags else TrainConfig().lora_rank
         assert args.lora_rank == rank
